@@ -1,0 +1,39 @@
+"""Config helpers shared by the entry points: OmegaConf resolvers and instantiation of
+dict-of-objects groups (callbacks, loggers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+#: The repository's ``conf/`` (entry points pass it to ``hydra.main``).
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def auto_precision() -> str:
+    """``bf16-mixed`` where bf16 matrix work is fast (CUDA, or a CPU with AVX512-BF16/AMX),
+    else ``32-true``."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vitlab.precision"):
+        OmegaConf.register_new_resolver("vitlab.precision", auto_precision)
+
+
+def instantiate_dict(node: DictConfig | None) -> list:
+    """Instantiate every entry with a ``_target_`` of a dict-of-objects group; null entries
+    (``callbacks.throughput=null``) are skipped."""
+    if not node:
+        return []
+    return [hydra.utils.instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+register_resolvers()

@@ -1,0 +1,123 @@
+"""Small image datasets held in memory as uint8 tensors, batched without per-sample Python.
+
+A DataLoader with automatic batching hands the whole list of indices of a batch to
+``Dataset.__getitems__``, so one tensor gather builds the batch; normalisation (and later
+augmentation) runs batch-wise on the training device in ``on_after_batch_transfer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class InMemoryImages(Dataset):
+    """uint8 images (N, C, H, W) with int64 labels (N,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def keep_batch(batch):
+    """collate_fn for datasets whose ``__getitems__`` already returns a whole batch."""
+    return batch
+
+
+def split(dataset: InMemoryImages, val_size: int, seed: int) -> tuple[InMemoryImages, InMemoryImages]:
+    """Seeded random train/val split of an in-memory dataset."""
+    if not 0 <= val_size < len(dataset):
+        raise ValueError(f"data.val_size={val_size} must be between 0 and {len(dataset) - 1}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:val_size], order[val_size:]
+    return (
+        InMemoryImages(dataset.images[train], dataset.labels[train]),
+        InMemoryImages(dataset.images[val], dataset.labels[val]),
+    )
+
+
+class InMemoryImageDataModule(L.LightningDataModule):
+    """Shared loaders and on-device normalisation for datasets that fit in memory.
+
+    Subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        class_names: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"data.mean={list(mean)} and data.std={list(std)} need one value per channel ({channels})")
+        self.image_size = image_size
+        self.channels = channels
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.train_set: InMemoryImages | None = None
+        self.val_set: InMemoryImages | None = None
+        self.test_set: InMemoryImages | None = None
+
+    def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("the datamodule has not been set up for this stage")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=keep_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = self.mean.to(images.device)
+        std = self.std.to(images.device)
+        return (images.float().div_(255) - mean) / std
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        return self.normalize(images), labels

@@ -1,0 +1,3 @@
+from vitlab.models.simple_vit import SimpleViT, count_parameters, flops_per_image, posemb_sincos_2d
+
+__all__ = ["SimpleViT", "count_parameters", "flops_per_image", "posemb_sincos_2d"]

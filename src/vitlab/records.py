@@ -1,0 +1,126 @@
+"""What a run leaves behind besides checkpoints and event files: ``metrics.json``, the
+resolved ``config.yaml``, and the TensorBoard HParams entry with real final metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from vitlab.callbacks import Throughput
+from vitlab.models import count_parameters, flops_per_image
+
+METRICS_FILE = "metrics.json"
+
+#: Config sections whose fields all go into the HParams table (``_target_`` shortened).
+HPARAM_SECTIONS = ("model", "optimizer", "scheduler", "module")
+#: Single fields that go in as well.
+HPARAM_FIELDS = ("seed", "data.batch_size", "trainer.max_epochs", "trainer.precision")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """Flat ``{"model/patch_size": 4, ...}`` of the hyperparameters a sweep compares."""
+    flat: dict[str, Any] = {}
+    for section in HPARAM_SECTIONS:
+        node = cfg.get(section)
+        if node is None:
+            continue
+        for key, value in OmegaConf.to_container(node, resolve=True).items():
+            if key == "_target_":
+                flat[f"{section}/name"] = str(value).rsplit(".", 1)[-1]
+            elif not key.startswith("_") and not isinstance(value, (dict, list)):
+                flat[f"{section}/{key}"] = value
+    for dotted in HPARAM_FIELDS:
+        value = OmegaConf.select(cfg, dotted)
+        if value is not None:
+            flat[dotted.replace(".", "/")] = value
+    for group, choice in (choices or {}).items():
+        if group in ("data", "model", "optimizer", "scheduler", "trainer", "experiment") and choice:
+            flat[f"choice/{group}"] = choice
+    return {k: ("none" if v is None else v) for k, v in flat.items()}
+
+
+class RunRecord:
+    """Keeps ``metrics.json`` in the run folder true at every moment.
+
+    ``status`` is ``running`` from the start, then ``completed``, ``failed`` (with the one-line
+    reason) or ``interrupted``; a failure never removes checkpoints already written.
+    """
+
+    def __init__(self, cfg: DictConfig, output_dir: str | Path):
+        self.cfg = cfg
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.time()
+        self.payload: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "tags": list(cfg.get("tags") or [])}
+        OmegaConf.save(cfg, self.dir / "config.yaml", resolve=True)
+        self.save()
+
+    def save(self) -> None:
+        self.payload["wall_time_s"] = round(time.time() - self.start, 3)
+        write_json(self.dir / METRICS_FILE, self.payload)
+
+    def describe_model(self, net, image_size: int, channels: int) -> None:
+        self.payload["params"] = count_parameters(net)
+        self.payload["flops_per_image"] = flops_per_image(net, image_size, channels)
+        self.save()
+
+    def fail(self, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+        self.payload.update(status="failed", error=reason, traceback=traceback.format_exc())
+        self.save()
+
+    def finish(self, trainer: L.Trainer, test_metrics: dict[str, float]) -> dict[str, Any]:
+        ckpt = trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_score", None)
+        throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+        self.payload.update(
+            status="interrupted" if trainer.interrupted else "completed",
+            epochs=trainer.current_epoch,
+            global_step=trainer.global_step,
+            best_val_acc=float(best) if best is not None else None,
+            best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
+            last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
+            train_images_per_s=round(throughput.images_per_s, 1) if throughput and throughput.images_per_s else None,
+            **{key: float(value) for key, value in test_metrics.items()},
+        )
+        self.save()
+        self._log_hparams(trainer)
+        return self.payload
+
+    def _log_hparams(self, trainer: L.Trainer) -> None:
+        """The HParams tab's row: hyperparameters with best val/acc and test metrics.
+
+        Logged under ``hp/*`` tags at the end of the run, so the table shows final figures
+        rather than Lightning's ``hp_metric`` placeholder.
+        """
+        metrics = {
+            "hp/best_val_acc": self.payload.get("best_val_acc"),
+            "hp/test_acc": self.payload.get("test/acc"),
+            "hp/test_loss": self.payload.get("test/loss"),
+        }
+        metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        if not metrics:
+            return
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(hparams_for(self.cfg, choices), metrics=metrics)
+                logger.finalize("success")

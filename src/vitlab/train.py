@@ -1,0 +1,53 @@
+"""Train and test a model from the Hydra config: ``python -m vitlab.train [overrides]``.
+
+Seed, instantiate the datamodule, network, LightningModule, callbacks, loggers and trainer
+from the config, fit, test the best checkpoint, and record the run.
+"""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vitlab.config import CONFIG_DIR, instantiate_dict
+from vitlab.records import RunRecord
+
+
+def train(cfg: DictConfig) -> dict:
+    record = RunRecord(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = hydra.utils.instantiate(cfg.data)
+        net = hydra.utils.instantiate(cfg.model)
+        record.describe_model(net, datamodule.image_size, datamodule.channels)
+        module = hydra.utils.instantiate(
+            cfg.module,
+            net=net,
+            optimizer=hydra.utils.instantiate(cfg.optimizer),
+            scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        )
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        test_metrics = {}
+        if cfg.get("test") and not trainer.interrupted:
+            best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+            test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None)[0]
+        return record.finish(trainer, test_metrics)
+    except BaseException as error:
+        record.fail(error)
+        raise
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # The value a Hydra sweeper (e.g. Optuna) optimises.
+    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
