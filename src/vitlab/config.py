@@ -24,8 +24,11 @@ def auto_precision() -> str:
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("vitlab.precision"):
-        OmegaConf.register_new_resolver("vitlab.precision", auto_precision)
+    from vitlab.sweep import job_dirname
+
+    for name, fn in (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def instantiate_dict(node: DictConfig | None) -> list:

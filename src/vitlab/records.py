@@ -81,24 +81,34 @@ class RunRecord:
         self.save()
 
     def fail(self, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+        root = error
+        while root.__cause__ is not None:  # e.g. Hydra's InstantiationException wraps the real error
+            root = root.__cause__
+        reason = f"{type(root).__name__}: {root}".strip().splitlines()[0]
         self.payload.update(status="failed", error=reason, traceback=traceback.format_exc())
         self.save()
 
-    def finish(self, trainer: L.Trainer, test_metrics: dict[str, float]) -> dict[str, Any]:
+    def fitted(self, trainer: L.Trainer) -> None:
+        """Record the fit; called before testing, which restores the checkpoint callback's
+        state from the best checkpoint."""
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_score", None)
         throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
         self.payload.update(
-            status="interrupted" if trainer.interrupted else "completed",
+            status="interrupted" if trainer.interrupted else "fitted",
             epochs=trainer.current_epoch,
             global_step=trainer.global_step,
             best_val_acc=float(best) if best is not None else None,
             best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
             last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
             train_images_per_s=round(throughput.images_per_s, 1) if throughput and throughput.images_per_s else None,
-            **{key: float(value) for key, value in test_metrics.items()},
         )
+        self.save()
+
+    def finish(self, trainer: L.Trainer, test_metrics: dict[str, float]) -> dict[str, Any]:
+        if self.payload["status"] != "interrupted":
+            self.payload["status"] = "completed"
+        self.payload.update({key: float(value) for key, value in test_metrics.items()})
         self.save()
         self._log_hparams(trainer)
         return self.payload

@@ -32,6 +32,7 @@ def train(cfg: DictConfig) -> dict:
             cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        record.fitted(trainer)
         test_metrics = {}
         if cfg.get("test") and not trainer.interrupted:
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)

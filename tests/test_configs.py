@@ -1,0 +1,74 @@
+"""Every config of every group composes, and the objects it names can be built."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
+
+import vitlab.config  # noqa: F401  (registers the resolvers)
+from conftest import CONFIG_DIR
+
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_train(*overrides, tmp: Path | None = None):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    # Outside a real run there is no hydra:runtime.output_dir; stand one in.
+    cfg.paths.output_dir = str(tmp or "/tmp/vitlab-compose")
+    return cfg
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_composes(group, option, tmp_path):
+    cfg = compose_train(f"{group}={option}", tmp=tmp_path)
+    with open_dict(cfg):
+        del cfg["hydra"]  # job-time fields (job.num, ...) exist only inside a run
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert container["model"]["image_size"] == container["data"]["image_size"]
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_model_and_datamodule_instantiate(data, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
+    cfg = compose_train(f"data={data}", tmp=tmp_path)
+    dm = hydra.utils.instantiate(cfg.data)
+    net = hydra.utils.instantiate(cfg.model)
+    assert (dm.image_size, dm.channels, dm.num_classes) == (cfg.model.image_size, cfg.model.channels, cfg.model.num_classes)
+    module = hydra.utils.instantiate(cfg.module, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer),
+                                     scheduler=hydra.utils.instantiate(cfg.scheduler))
+    assert module.net is net
+
+
+def test_trainer_and_callbacks_instantiate(tmp_path):
+    from vitlab.config import instantiate_dict
+
+    cfg = compose_train(tmp=tmp_path)
+    callbacks = instantiate_dict(cfg.callbacks)
+    loggers = instantiate_dict(cfg.logger)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert trainer.checkpoint_callback.monitor == "val/acc"
+    assert trainer.precision in ("bf16-mixed", "32-true")
+
+
+def test_run_and_sweep_folders(tmp_path):
+    cfg = compose_train(tmp=tmp_path)
+    assert "/runs/" in cfg.hydra.run.dir
+    assert "/multirun/" in cfg.hydra.sweep.dir
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    assert sweep["subdir"] == "${hydra.job.num}_${vitlab.job_dirname:${hydra.overrides.task}}"
+
+
+def test_data_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLAB_DATA_DIR", "/somewhere/else")
+    assert compose_train(tmp=tmp_path).data.data_dir == "/somewhere/else"
+    monkeypatch.delenv("VITLAB_DATA_DIR")
+    assert compose_train(tmp=tmp_path).data.data_dir == "data"

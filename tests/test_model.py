@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from vitlab.models import SimpleViT, count_parameters, flops_per_image, posemb_sincos_2d
+
+SMALL = dict(image_size=28, patch_size=7, channels=1, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    return SimpleViT(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+@pytest.mark.parametrize("pos_emb", ["sincos2d", "learned", "none"])
+def test_output_shape_and_backward(pool, pos_emb):
+    model = make(pool=pool, pos_emb=pos_emb)
+    logits = model(torch.randn(3, 1, 28, 28))
+    assert logits.shape == (3, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_rgb_non_square_patch_grid():
+    model = make(image_size=32, patch_size=4, channels=3, num_classes=100)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert model.num_patches == 64
+
+
+def test_sincos_embedding_is_a_fixed_non_persistent_buffer():
+    model = make()
+    assert "pos_embedding" in dict(model.named_buffers())
+    assert "pos_embedding" not in model.state_dict()
+    assert not any("pos_embedding" in n for n, _ in model.named_parameters())
+    assert model.pos_embedding.shape == (16, 32)
+
+
+def test_sincos_values():
+    pe = posemb_sincos_2d(2, 3, 8)
+    # Row = y * w + x; first quarter sin(x * omega_0) with omega_0 = 1.
+    assert pe.shape == (6, 8)
+    torch.testing.assert_close(pe[4, 0], torch.sin(torch.tensor(1.0)))  # x = 1
+    torch.testing.assert_close(pe[4, 4], torch.sin(torch.tensor(1.0)))  # y = 1
+    torch.testing.assert_close(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+
+
+def test_no_weight_decay_names_embeddings_only():
+    assert make(pos_emb="learned", pool="cls").no_weight_decay() == {"pos_embedding", "cls_token"}
+    assert make().no_weight_decay() == set()
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(patch_size=5), "model.patch_size=5 does not divide the image size 28: choose a patch size from [1, 2, 4, 7, 14, 28]"),
+        (dict(dim=30), "model.dim=30 is not a multiple of 4"),
+        (dict(depth=0), "model.depth=0 must be a positive integer"),
+        (dict(heads=-2), "model.heads=-2 must be a positive integer"),
+        (dict(dim=2.5), "model.dim=2.5 must be a positive integer"),
+        (dict(pool="max"), "model.pool='max' is not one of mean, cls"),
+        (dict(pos_emb="rope"), "model.pos_emb='rope' is not one of sincos2d, learned, none"),
+        (dict(attention="flash"), "model.attention='flash' is not one of math, sdpa, auto"),
+    ],
+)
+def test_invalid_configs_fail_at_construction(overrides, fragment):
+    with pytest.raises(ValueError) as info:
+        make(**overrides)
+    assert fragment in str(info.value)
+
+
+def test_dim_not_multiple_of_four_is_fine_without_sincos():
+    assert make(dim=30, pos_emb="learned")(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_math_and_sdpa_attention_agree(pool):
+    torch.manual_seed(1)
+    x = torch.randn(4, 1, 28, 28)
+    reference = make(attention="math", pool=pool)
+    fast = make(attention="sdpa", pool=pool)
+    fast.load_state_dict(reference.state_dict())
+    out_ref, out_fast = reference(x), fast(x)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, p_ref), (_, p_fast) in zip(reference.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_auto_attention_picks_math_on_cpu():
+    model = make(attention="auto")
+    attn = model.transformer.layers[0][0]
+    assert not attn.use_sdpa(torch.zeros(1))
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+def test_same_logits_as_lucidrains_simple_vit(attention):
+    """Same weights in vit_pytorch.SimpleViT give the same logits (fp32, 1e-5)."""
+    vit_pytorch = pytest.importorskip("vit_pytorch")
+    cfg = dict(image_size=28, patch_size=4, num_classes=10, dim=64, depth=3, heads=4, mlp_dim=128, channels=1, dim_head=16)
+    torch.manual_seed(0)
+    theirs = vit_pytorch.SimpleViT(**cfg).eval()
+    ours = SimpleViT(**cfg, attention=attention).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: identical parameter names and shapes
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_and_flop_counts():
+    model = make()
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    flops = flops_per_image(model, 28, 1)
+    # Two matmul FLOPs per weight per token is the bulk; attention adds a little.
+    per_token_weights = 2 * (32 * 96 + 32 * 32 + 2 * 32 * 64)
+    assert 2 * 16 * per_token_weights < flops < 4 * 16 * per_token_weights

@@ -1,0 +1,66 @@
+"""The Hydra entry point end to end on real Fashion-MNIST slices."""
+
+import json
+from pathlib import Path
+
+from conftest import SLICE, run_entry
+from tbutil import hparams, load, scalar_tags
+
+LOGGED = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "train/lr"}
+
+
+def only(paths):
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_short_training_run_from_any_folder(tmp_path, data_dir):
+    result = run_entry("vitlab.train", *SLICE, "seed=3", "tags=[smoke]", cwd=tmp_path, data_dir=data_dir)
+    run = only(tmp_path.glob("outputs/runs/*/*"))
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 16
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
+    assert 0.0 <= metrics["best_val_acc"] <= 1.0
+    assert metrics["params"] > 10_000 and metrics["flops_per_image"] > 0
+    assert metrics["train_images_per_s"] > 0 and metrics["wall_time_s"] > 0
+    assert metrics["tags"] == ["smoke"] and metrics["seed"] == 3
+
+    config = (run / "config.yaml").read_text()
+    assert "${" not in config and "patch_size: 4" in config, "the resolved config is saved"
+    assert Path(metrics["best_checkpoint"]).is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "best-epoch" in metrics["best_checkpoint"]
+    assert "Restoring states from the checkpoint path" in result.stdout + result.stderr  # tested on the best
+
+    assert LOGGED <= scalar_tags(run)
+    values, metric_tags = hparams(run)
+    assert {"hp/best_val_acc", "hp/test_acc", "hp/test_loss"} <= set(metric_tags)
+    assert "hp_metric" not in metric_tags
+    assert values["model/patch_size"] == 4 and values["optimizer/lr"] == 1e-3 and values["choice/data"] == "fashion_mnist"
+    test_acc = load(run).Scalars("hp/test_acc")[-1].value
+    assert abs(test_acc - metrics["test/acc"]) < 1e-6
+
+
+def test_multirun_gives_one_folder_per_job(tmp_path, data_dir):
+    run_entry("vitlab.train", "-m", "model.patch_size=4,7", *SLICE, "trainer.max_epochs=1", cwd=tmp_path, data_dir=data_dir)
+    sweep = only(tmp_path.glob("outputs/multirun/*/*"))
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_model.patch_size=4", "1_model.patch_size=7"]
+    for job, patch in zip(jobs, (4, 7)):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["status"] == "completed"
+        assert f"patch_size: {patch}" in (sweep / job / "config.yaml").read_text()
+        assert {"train/loss_step", "val/acc", "test/acc"} <= scalar_tags(sweep / job)
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_invalid_patch_size_fails_before_training(tmp_path, data_dir):
+    result = run_entry("vitlab.train", *SLICE, "model.patch_size=5", cwd=tmp_path, data_dir=data_dir, check=False)
+    assert result.returncode != 0
+    assert "model.patch_size=5 does not divide the image size 28" in result.stderr
+    run = only(tmp_path.glob("outputs/runs/*/*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "does not divide" in metrics["error"]
+    assert not (run / "checkpoints").exists()
