@@ -6,7 +6,7 @@ from pathlib import Path
 from conftest import SLICE, run_entry
 from tbutil import hparams, load, scalar_tags
 
-LOGGED = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "train/lr"}
+LOGGED = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "train/lr"}
 
 
 def only(paths):
@@ -52,7 +52,7 @@ def test_multirun_gives_one_folder_per_job(tmp_path, data_dir):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["status"] == "completed"
         assert f"patch_size: {patch}" in (sweep / job / "config.yaml").read_text()
-        assert {"train/loss_step", "val/acc", "test/acc"} <= scalar_tags(sweep / job)
+        assert {"train/loss", "val/acc", "test/acc"} <= scalar_tags(sweep / job)
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
 
 

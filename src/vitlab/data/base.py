@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -72,6 +73,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         class_names: Sequence[str] | None = None,
+        augment: nn.Module | None = None,
     ):
         super().__init__()
         if len(mean) != channels or len(std) != channels:
@@ -84,6 +86,8 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        # Applied to training batches only, on the device, before normalisation.
+        self.augment = augment
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.train_set: InMemoryImages | None = None
@@ -120,4 +124,6 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            images = self.augment(images)
         return self.normalize(images), labels
