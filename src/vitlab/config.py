@@ -23,10 +23,16 @@ def auto_precision() -> str:
     return "32-true"
 
 
+def first_set(*values):
+    """The first value that is not null (``${vitlab.first:${name},default}``)."""
+    return next((v for v in values if v is not None), None)
+
+
 def register_resolvers() -> None:
     from vitlab.sweep import job_dirname
 
-    for name, fn in (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname)):
+    resolvers = (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname), ("vitlab.first", first_set))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -55,8 +55,16 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         # Both parameter groups follow one schedule: log it once, as train/lr.
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return self._shared_step(batch, "train", self.train_acc)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", lr, on_step=True, on_epoch=False)
+        loss = self._shared_step(batch, "train", self.train_acc)
+        if not torch.isfinite(loss):
+            # Stop here rather than train on garbage; the run is recorded as failed.
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}) "
+                f"with learning rate {lr:.3g}: lower optimizer.lr or set trainer.gradient_clip_val=1.0."
+            )
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_acc)

@@ -33,6 +33,14 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_metrics(run_dir: str | Path) -> dict:
+    """The run folder's ``metrics.json``, or ``{}`` if there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Flat ``{"model/patch_size": 4, ...}`` of the hyperparameters a sweep compares."""
     flat: dict[str, Any] = {}
@@ -62,14 +70,21 @@ class RunRecord:
     reason) or ``interrupted``; a failure never removes checkpoints already written.
     """
 
-    def __init__(self, cfg: DictConfig, output_dir: str | Path):
+    def __init__(self, cfg: DictConfig, output_dir: str | Path, previous: dict | None = None):
         self.cfg = cfg
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.start = time.time()
+        # A resumed run counts the wall time of its earlier attempts too.
+        self.start = time.time() - float((previous or {}).get("wall_time_s", 0.0))
         self.payload: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "tags": list(cfg.get("tags") or [])}
         OmegaConf.save(cfg, self.dir / "config.yaml", resolve=True)
         self.save()
+
+    @property
+    def last_checkpoint(self) -> str | None:
+        """``checkpoints/last.ckpt`` of an earlier, unfinished attempt in this folder."""
+        last = self.dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
 
     def save(self) -> None:
         self.payload["wall_time_s"] = round(time.time() - self.start, 3)

@@ -6,17 +6,28 @@ from the config, fit, test the best checkpoint, and record the run.
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vitlab.config import CONFIG_DIR, instantiate_dict
-from vitlab.records import RunRecord
+from vitlab.records import RunRecord, read_metrics
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
-    record = RunRecord(cfg, HydraConfig.get().runtime.output_dir)
+    output_dir = HydraConfig.get().runtime.output_dir
+    previous = read_metrics(output_dir) if cfg.resume else {}
+    if previous.get("status") == "completed":
+        log.info(f"{output_dir} holds a completed run: skipped (resume=false trains it again).")
+        return previous
+    record = RunRecord(cfg, output_dir, previous)
+    # Continue an interrupted attempt in this folder from its last checkpoint.
+    ckpt_path = cfg.get("ckpt_path") or (record.last_checkpoint if cfg.resume else None)
     try:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = hydra.utils.instantiate(cfg.data)
@@ -31,7 +42,7 @@ def train(cfg: DictConfig) -> dict:
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         record.fitted(trainer)
         test_metrics = {}
         if cfg.get("test") and not trainer.interrupted:
