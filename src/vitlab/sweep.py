@@ -55,3 +55,12 @@ class SweepCallback(Callback):
         params = OmegaConf.select(config, "hydra.sweeper.params")
         params = OmegaConf.to_container(params) if params is not None else None
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config.hydra.overrides.task, params))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """Summarise the sweep (vitlab.summarize); a failure here never hides the jobs' results."""
+        try:
+            from vitlab.summarize import summarize  # here: the jobs need neither matplotlib nor tensorboard
+
+            summarize(config.hydra.sweep.dir)
+        except Exception as error:  # noqa: BLE001
+            print("warning: no sweep summary: " + f"{type(error).__name__}: {error}".splitlines()[0])
