@@ -3,6 +3,7 @@ dict-of-objects groups (callbacks, loggers)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -28,10 +29,17 @@ def first_set(*values):
     return next((v for v in values if v is not None), None)
 
 
+def threads_per_job(n_jobs: int) -> int:
+    """Cores per job when ``n_jobs`` run side by side (joblib's -1: one job per core)."""
+    cores = os.cpu_count() or 1
+    return 1 if n_jobs <= 0 else max(1, cores // n_jobs)
+
+
 def register_resolvers() -> None:
     from vitlab.sweep import job_dirname
 
-    resolvers = (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname), ("vitlab.first", first_set))
+    resolvers = (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname), ("vitlab.first", first_set),
+                 ("vitlab.threads_per_job", threads_per_job))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -3,9 +3,7 @@ resolved ``config.yaml``, and the TensorBoard HParams entry with real final metr
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import traceback
 from pathlib import Path
@@ -17,28 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitlab.callbacks import Throughput
 from vitlab.models import count_parameters, flops_per_image
-
-METRICS_FILE = "metrics.json"
+from vitlab.rundir import METRICS_FILE, write_json
 
 #: Config sections whose fields all go into the HParams table (``_target_`` shortened).
 HPARAM_SECTIONS = ("model", "optimizer", "scheduler", "module")
 #: Single fields that go in as well.
 HPARAM_FIELDS = ("seed", "data.batch_size", "trainer.max_epochs", "trainer.precision")
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: str | Path) -> dict:
-    """The run folder's ``metrics.json``, or ``{}`` if there is none (or it is unreadable)."""
-    try:
-        return json.loads((Path(run_dir) / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
@@ -125,10 +107,14 @@ class RunRecord:
             self.payload["status"] = "completed"
         self.payload.update({key: float(value) for key, value in test_metrics.items()})
         self.save()
-        self._log_hparams(trainer)
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is not None:
+            self._log_hparams(tensorboard)
+            tensorboard.experiment.flush()
+        self._plot_curves(tensorboard, trainer.global_step)
         return self.payload
 
-    def _log_hparams(self, trainer: L.Trainer) -> None:
+    def _log_hparams(self, logger: TensorBoardLogger) -> None:
         """The HParams tab's row: hyperparameters with best val/acc and test metrics.
 
         Logged under ``hp/*`` tags at the end of the run, so the table shows final figures
@@ -145,7 +131,16 @@ class RunRecord:
         from hydra.core.hydra_config import HydraConfig
 
         choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(hparams_for(self.cfg, choices), metrics=metrics)
-                logger.finalize("success")
+        logger.log_hyperparams(hparams_for(self.cfg, choices), metrics=metrics)
+
+    def _plot_curves(self, logger: TensorBoardLogger | None, step: int) -> None:
+        """``curves.png`` in the run folder (learning curves from the event files), also logged
+        to TensorBoard's Images tab."""
+        from torchvision.io import decode_png, read_file
+
+        from vitlab.plots import plot_run_curves  # matplotlib only once the run is over
+
+        png = plot_run_curves(self.dir)
+        if png is not None and logger is not None:
+            logger.experiment.add_image("curves", decode_png(read_file(str(png))), step)
+            logger.finalize("success")

@@ -21,10 +21,10 @@ from typing import Any
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from vitlab.rundir import METRICS_FILE
 from vitlab.plots import plot_metric_vs_params, plot_run_curves, plot_sweep_curves
 from vitlab.sweep import swept_keys
 
-METRICS_FILE = "metrics.json"  # written by vitlab.records (not imported here: it pulls in torch)
 #: metrics.json field -> column, in column order.
 FIELDS = {
     "status": "status",

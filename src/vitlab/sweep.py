@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterable
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.rundir import read_metrics
+
 SWEPT_KEYS_ENV = "VITLAB_SWEPT_KEYS"
+SWEPT_JOBS_ENV = "VITLAB_SWEEP_JOBS"
 MAX_DIRNAME = 160
 
 
@@ -47,20 +54,70 @@ def job_dirname(task_overrides: Iterable[str]) -> str:
     return name
 
 
+def count_jobs(config: DictConfig) -> int | None:
+    """How many jobs the multirun will launch: the sweeper's n_trials (Optuna), else the size of
+    the grid of the command line and ``hydra.sweeper.params``."""
+    n_trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+    if n_trials:
+        return int(n_trials)
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    try:
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    except Exception:  # noqa: BLE001 - a sweep syntax only another sweeper knows: no count
+        return None
+    return len(batches[0]) if batches else None
+
+
+def _job_label(config: DictConfig) -> str:
+    total = os.environ.get(SWEPT_JOBS_ENV) or "?"
+    return f"job {config.hydra.job.num + 1}/{total}: {job_dirname(config.hydra.overrides.task)}"
+
+
 class SweepCallback(Callback):
-    """Hydra callback in the multirun's parent process: records the swept keys for the jobs'
-    folder names (launchers in other processes inherit the environment)."""
+    """Hydra callback for multiruns.
+
+    In the parent process: records the swept keys (for the jobs' folder names) and the number
+    of jobs (launchers in other processes inherit the environment); at the end writes the
+    summary and exits non-zero if any job failed. Around each job: prints ``job k/N``, then the
+    job's status and key metric.
+    """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         params = OmegaConf.select(config, "hydra.sweeper.params")
         params = OmegaConf.to_container(params) if params is not None else None
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config.hydra.overrides.task, params))
+        os.environ[SWEPT_JOBS_ENV] = str(count_jobs(config) or "")
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            print(f"{_job_label(config)} started", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        metrics = read_metrics(config.hydra.runtime.output_dir)
+        status = metrics.get("status", "failed" if job_return.status == JobStatus.FAILED else "unknown")
+        if status == "failed":
+            detail = metrics.get("error", "")
+        else:
+            detail = ", ".join(
+                f"{key}={metrics[key]:.4f}" for key in ("best_val_acc", "test/acc") if isinstance(metrics.get(key), float)
+            )
+        print(f"{_job_label(config)} {status}" + (f": {detail}" if detail else ""), flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        """Summarise the sweep (vitlab.summarize); a failure here never hides the jobs' results."""
+        """Summarise the sweep (vitlab.summarize); a failure here never hides the jobs' results.
+        Exits with status 1 if any job failed (the jobs themselves do not raise, so that every
+        job runs and the summary is written)."""
+        rows = []
         try:
             from vitlab.summarize import summarize  # here: the jobs need neither matplotlib nor tensorboard
 
-            summarize(config.hydra.sweep.dir)
+            rows = summarize(config.hydra.sweep.dir)
         except Exception as error:  # noqa: BLE001
             print("warning: no sweep summary: " + f"{type(error).__name__}: {error}".splitlines()[0])
+        failed = [row["job"] for row in rows if row.get("status") == "failed"]
+        if failed:
+            print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+            sys.exit(1)

@@ -10,11 +10,14 @@ import logging
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vitlab.config import CONFIG_DIR, instantiate_dict
-from vitlab.records import RunRecord, read_metrics
+from vitlab.records import RunRecord
+from vitlab.rundir import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ def train(cfg: DictConfig) -> dict:
     # Continue an interrupted attempt in this folder from its last checkpoint.
     ckpt_path = cfg.get("ckpt_path") or (record.last_checkpoint if cfg.resume else None)
     try:
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(cfg.torch_threads)
         L.seed_everything(cfg.seed, workers=True)
         datamodule = hydra.utils.instantiate(cfg.data)
         net = hydra.utils.instantiate(cfg.model)
@@ -56,7 +61,15 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except Exception as error:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep the failure is recorded in the job's metrics.json; the other jobs go on and
+        # the sweep exits non-zero at its end (vitlab.sweep.SweepCallback).
+        log.error(f"job failed: {type(error).__name__}: {error}")
+        return None
     # The value a Hydra sweeper (e.g. Optuna) optimises.
     return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
 
