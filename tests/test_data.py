@@ -94,3 +94,36 @@ def test_synthetic_any_shape():
     assert images.shape == (8, 3, 16, 16) and labels.max() < 5
     # Same templates across splits, so what is learnt on train transfers to test.
     assert len(dm.test_set) == 16
+
+
+def test_crop_flip_shifts_and_flips_each_image_on_its_own():
+    from vitlab.data.augment import RandomCropFlip
+
+    torch.manual_seed(0)
+    images = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    out = RandomCropFlip(padding=1, hflip=True)(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    # Every output is the input shifted by at most one pixel, maybe mirrored.
+    candidates = []
+    padded = torch.nn.functional.pad(images[0], (1, 1, 1, 1))
+    for dy in range(3):
+        for dx in range(3):
+            crop = padded[:, dy:dy + 4, dx:dx + 4]
+            candidates += [crop, crop.flip(-1)]
+    assert all(any(torch.equal(o, c) for c in candidates) for o in out)
+    assert len({bytes(o.numpy()) for o in out}) > 5, "images draw their own shift and flip"
+    assert torch.equal(RandomCropFlip()(images), images)
+
+
+def test_augmentation_only_on_training_batches(data_dir):
+    from vitlab.data.augment import RandomCropFlip
+
+    class Trainer:
+        training = False
+
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), augment=RandomCropFlip(2, True), **STATS)
+    dm.trainer = Trainer()
+    batch = (torch.randint(0, 255, (8, 1, 28, 28), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    torch.testing.assert_close(dm.on_after_batch_transfer(batch, 0)[0], dm.normalize(batch[0]))
+    dm.trainer.training = True
+    assert not torch.equal(dm.on_after_batch_transfer(batch, 0)[0], dm.normalize(batch[0]))

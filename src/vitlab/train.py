@@ -22,6 +22,26 @@ from vitlab.rundir import read_metrics
 log = logging.getLogger(__name__)
 
 
+def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
+    callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_dict(cfg.get("logger")) or False)
+
+
+def build(cfg: DictConfig):
+    """Instantiate the datamodule, network, LightningModule and trainer from the config."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg.torch_threads)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    net = hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(
+        cfg.module,
+        net=net,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    return datamodule, module, build_trainer(cfg)
+
+
 def train(cfg: DictConfig) -> dict:
     output_dir = HydraConfig.get().runtime.output_dir
     previous = read_metrics(output_dir) if cfg.resume else {}
@@ -32,21 +52,9 @@ def train(cfg: DictConfig) -> dict:
     # Continue an interrupted attempt in this folder from its last checkpoint.
     ckpt_path = cfg.get("ckpt_path") or (record.last_checkpoint if cfg.resume else None)
     try:
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(cfg.torch_threads)
         L.seed_everything(cfg.seed, workers=True)
-        datamodule = hydra.utils.instantiate(cfg.data)
-        net = hydra.utils.instantiate(cfg.model)
-        record.describe_model(net, datamodule.image_size, datamodule.channels)
-        module = hydra.utils.instantiate(
-            cfg.module,
-            net=net,
-            optimizer=hydra.utils.instantiate(cfg.optimizer),
-            scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        )
-        trainer: L.Trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
-        )
+        datamodule, module, trainer = build(cfg)
+        record.describe_model(module.net, datamodule.image_size, datamodule.channels)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         record.fitted(trainer)
         test_metrics = {}

@@ -206,8 +206,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_image(model: SimpleViT, image_size: int, channels: int) -> int:
-    """Forward FLOPs for one image, counted by torch's own flop counter."""
+def flops_per_image(model: nn.Module, image_size: int, channels: int) -> int:
+    """Forward FLOPs for one image (any image model), counted by torch's own flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training

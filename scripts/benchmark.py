@@ -1,0 +1,251 @@
+"""Training throughput of one model configuration along four paths, in one process.
+
+    python scripts/benchmark.py                      # Fashion-MNIST default, whatever device is there
+    python scripts/benchmark.py --rounds 7 --steps 40
+    python scripts/benchmark.py --device cuda --overrides model.patch_size=16 data=synthetic data.image_size=224
+
+1. seed:    the reference: the seed blog's loop, lucidrains' ``vit_pytorch.SimpleViT`` (explicit
+            attention, fp32) fed by torchvision's FashionMNIST dataset with per-sample
+            ``ToTensor``/``Normalize`` in a DataLoader.
+2. timm:    timm's ``VisionTransformer`` of the same size (mean pooling, no class token, no qkv
+            bias), bare loop, vitlab's precision.
+3. bare:    vitlab's SimpleViT, bare loop, vitlab's fast settings (precision and attention as
+            the config resolves them for the device).
+4. full:    vitlab's whole path: ``Trainer.fit`` with the real datamodule, the default
+            callbacks (checkpoints, throughput) and TensorBoard logging.
+
+Each path takes ``--warmup`` steps, then ``--steps`` timed steps; paths take turns within each
+of ``--rounds`` rounds (so drifts of a shared machine hit all alike) and the median images/s
+is reported, with forward FLOPs per image (torch's flop counter), achieved training FLOP/s
+(3x forward), model-FLOP utilisation on GPUs with a known peak, and peak memory. The last line
+reads ``full/seed = <ratio>x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from vitlab.config import CONFIG_DIR
+from vitlab.models import SimpleViT, flops_per_image
+
+#: Dense bf16 peak FLOP/s by GPU name, for model-FLOP utilisation.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def rss_gib() -> float:
+    """Current resident memory of this process (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+class Contender:
+    """One contender: ``step()`` trains on one batch; ``images`` per step."""
+
+    def __init__(self, name, step, images, flops, sync):
+        self.name, self.step, self.images, self.flops, self.sync = name, step, images, flops, sync
+        self.rates: list[float] = []
+        self.rss = 0.0
+        self.gpu_mem = 0.0
+
+    def run(self, warmup: int, steps: int) -> None:
+        for _ in range(warmup):
+            self.step()
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+            self.rss = max(self.rss, rss_gib())
+        self.sync()
+        self.rates.append(self.images * steps / (time.perf_counter() - start))
+
+
+def compose_cfg(overrides: list[str], out_dir: str):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    cfg.paths.output_dir = out_dir
+    return cfg
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def bare_loop(model, batches, device, precision, lr=1e-3):
+    """A minimal training step over an endless cycle of batches."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    it = iter(batches)
+
+    def step():
+        nonlocal it
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(batches)
+            x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def seed_path(cfg, data_dir: Path, tmp: Path, device, batch_size: int) -> tuple:
+    """The seed's loop: torchvision dataset, per-sample PIL transforms, fp32 reference model."""
+    import torchvision.transforms as T
+    from torchvision.datasets import FashionMNIST
+    from vit_pytorch import SimpleViT as ReferenceViT
+
+    # torchvision wants to extract the archives next to them: work on a copy, never the data dir.
+    shutil.copytree(data_dir / "FashionMNIST" / "raw", tmp / "FashionMNIST" / "raw")
+    dataset = FashionMNIST(tmp, train=True, download=True, transform=T.Compose([T.ToTensor(), T.Normalize((0.2860,), (0.3530,))]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2, persistent_workers=True)
+    m = cfg.model
+    model = ReferenceViT(image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes, dim=m.dim,
+                         depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, channels=m.channels, dim_head=m.dim_head)
+    # fp32, torch.optim.AdamW at 3e-4, batches moved to the device one by one.
+    return bare_loop(model, loader, device, "32-true", lr=3e-4), model
+
+
+def timm_model(cfg):
+    from timm.models.vision_transformer import VisionTransformer
+
+    m = cfg.model
+    return VisionTransformer(img_size=m.image_size, patch_size=m.patch_size, in_chans=m.channels,
+                             num_classes=m.num_classes, embed_dim=m.dim, depth=m.depth, num_heads=m.heads,
+                             mlp_ratio=m.mlp_dim / m.dim, qkv_bias=False, class_token=False, global_pool="avg")
+
+
+class StepClock(L.Callback):
+    """Lets the benchmark drive ``Trainer.fit`` one timed stretch at a time."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per path and round")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["seed", "timm", "bare", "full"])
+    parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides of the vitlab config")
+    args = parser.parse_args()
+
+    data_dir = Path(os.environ.get("VITLAB_DATA_DIR", "data"))
+    tmp = Path(tempfile.mkdtemp(prefix="vitlab-bench-"))
+    device = torch.device(args.device)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    cfg = compose_cfg([f"trainer.accelerator={accelerator}", "trainer.enable_progress_bar=false",
+                       "trainer.enable_model_summary=false", *args.overrides], str(tmp / "run"))
+    precision = OmegaConf.to_container(cfg.trainer, resolve=True)["precision"]
+    batch_size = cfg.data.batch_size
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    shape = (m["channels"], m["image_size"], m["image_size"])
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else torch.get_num_threads()} "
+          f"threads), torch {torch.__version__}, batch {batch_size}, precision {precision}, model {m}")
+
+    # Ready batches for the bare loops: normalised tensors already on the device.
+    gen = torch.Generator().manual_seed(0)
+    ready = [(torch.randn(batch_size, *shape, generator=gen).to(device),
+              torch.randint(m["num_classes"], (batch_size,), generator=gen).to(device)) for _ in range(8)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    paths: list[Contender] = []
+
+    if "seed" not in args.skip:
+        step, model = seed_path(cfg, data_dir, tmp, device, batch_size)
+        paths.append(Contender("seed", step, batch_size, flops_per_image(model, m["image_size"], m["channels"]), sync))
+    if "timm" not in args.skip:
+        model = timm_model(cfg)
+        paths.append(Contender("timm", bare_loop(model, ready, device, precision), batch_size, flops_per_image(model, m["image_size"], m["channels"]), sync))
+    if "bare" not in args.skip:
+        torch.manual_seed(0)
+        model = SimpleViT(**{k: v for k, v in m.items() if k != "_target_"})
+        paths.append(Contender("bare", bare_loop(model, ready, device, precision), batch_size, flops_per_image(model, m["image_size"], m["channels"]), sync))
+    if "full" not in args.skip:
+        paths.append(full_path(cfg, args, batch_size, sync))
+
+    for _ in range(args.rounds):
+        for path in paths:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            path.run(args.warmup, args.steps)
+            if device.type == "cuda":
+                path.gpu_mem = max(path.gpu_mem, torch.cuda.max_memory_allocated(device) / 2**30)
+    report(paths, device)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def full_path(cfg, args, batch_size, sync) -> Contender:
+    """Trainer.fit on the real datamodule with the default callbacks and logger; each timed
+    stretch is a fit of warmup + steps batches continuing the same module. Stretches are
+    shorter than an epoch, so validation is off and only training steps are timed."""
+    from vitlab.train import build
+
+    clock = StepClock()
+    cfg.trainer.limit_val_batches = 0
+    datamodule, module, _ = build(cfg)
+    path = Contender("full", None, batch_size, flops_per_image(module.net, cfg.data.image_size, cfg.data.channels), sync)
+
+    def run(warmup, steps):
+        trainer = stretch_trainer(cfg, clock, warmup + steps)
+        clock.times.clear()
+        trainer.fit(module, datamodule=datamodule)
+        timed = clock.times[warmup - 1:]
+        path.rss = max(path.rss, rss_gib())
+        path.rates.append(batch_size * (len(timed) - 1) / (timed[-1] - timed[0]))
+
+    path.run = run
+    return path
+
+
+def stretch_trainer(cfg, clock, max_steps):
+    """A fresh Trainer (and callbacks) per stretch, as the config builds it."""
+    from vitlab.train import build_trainer
+
+    cfg = cfg.copy()
+    cfg.trainer.max_steps = max_steps
+    cfg.trainer.max_epochs = -1
+    return build_trainer(cfg, extra_callbacks=[clock])
+
+
+def report(paths: list[Contender], device) -> None:
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    rows = {}
+    print(f"\n{'path':<6} {'images/s':>10} {'min-max':>17} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'RSS GiB':>8} {'GPU GiB':>8}")
+    for p in paths:
+        rate = statistics.median(p.rates)
+        rows[p.name] = rate
+        achieved = 3 * p.flops * rate if p.flops else None
+        mfu = f"{achieved / peak:6.1%}" if achieved and peak else "   n/a"
+        print(f"{p.name:<6} {rate:10.1f} {min(p.rates):8.1f}-{max(p.rates):<8.1f} {(p.flops or 0) / 1e9:10.4f} "
+              f"{(achieved or 0) / 1e12:8.3f} {mfu} {p.rss:8.2f} {p.gpu_mem:8.2f}")
+    ratio = lambda a, b: f"{rows[a] / rows[b]:.2f}x" if a in rows and b in rows else "n/a"  # noqa: E731
+    print(f"\nfull/bare = {ratio('full', 'bare')} (Lightning + data overhead), bare/timm = {ratio('bare', 'timm')}")
+    print(f"full/seed = {ratio('full', 'seed')}")
+
+
+if __name__ == "__main__":
+    main()
