@@ -54,6 +54,13 @@ def test_multirun_gives_one_folder_per_job(tmp_path, data_dir):
         assert f"patch_size: {patch}" in (sweep / job / "config.yaml").read_text()
         assert {"train/loss", "val/acc", "test/acc"} <= scalar_tags(sweep / job)
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        # The HParams tab's row of this job, read back through TensorBoard's own reader.
+        values, metric_tags = hparams(sweep / job)
+        assert values["model/patch_size"] == patch and values["seed"] == 0
+        assert {"hp/best_val_acc", "hp/test_acc", "hp/test_loss"} <= set(metric_tags)
+        assert abs(load(sweep / job).Scalars("hp/test_acc")[-1].value - metrics["test/acc"]) < 1e-6
+        assert (sweep / job / "curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert "curves" in load(sweep / job).Tags()["images"]
 
 
 def test_invalid_patch_size_fails_before_training(tmp_path, data_dir):

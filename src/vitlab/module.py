@@ -49,7 +49,8 @@ class ImageClassifier(L.LightningModule):
         accuracy(logits, labels)
         # Training loss per step (the learning curve), val/test loss per epoch: one key each.
         train = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels))
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels),
+                 sync_dist=not train)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.callbacks import Throughput
@@ -59,7 +60,10 @@ class RunRecord:
         # A resumed run counts the wall time of its earlier attempts too.
         self.start = time.time() - float((previous or {}).get("wall_time_s", 0.0))
         self.payload: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "tags": list(cfg.get("tags") or [])}
-        OmegaConf.save(cfg, self.dir / "config.yaml", resolve=True)
+        # Under DDP every process runs this; one writes (Lightning's rank from the environment).
+        self.writer = rank_zero_only.rank == 0
+        if self.writer:
+            OmegaConf.save(cfg, self.dir / "config.yaml", resolve=True)
         self.save()
 
     @property
@@ -69,6 +73,8 @@ class RunRecord:
         return str(last) if last.is_file() else None
 
     def save(self) -> None:
+        if not self.writer:
+            return
         self.payload["wall_time_s"] = round(time.time() - self.start, 3)
         write_json(self.dir / METRICS_FILE, self.payload)
 
@@ -107,6 +113,8 @@ class RunRecord:
             self.payload["status"] = "completed"
         self.payload.update({key: float(value) for key, value in test_metrics.items()})
         self.save()
+        if not self.writer:
+            return self.payload
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is not None:
             self._log_hparams(tensorboard)

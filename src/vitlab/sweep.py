@@ -9,6 +9,7 @@ multirun (a Hydra callback) notes which keys are swept, and each job's folder is
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 import os
 import sys
 from collections.abc import Iterable
@@ -18,7 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from vitlab.rundir import read_metrics
 
@@ -52,6 +54,35 @@ def job_dirname(task_overrides: Iterable[str]) -> str:
     if len(name) > MAX_DIRNAME:
         name = f"{name[:MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name
+
+
+@contextmanager
+def sweep_job(output_dir: str):
+    """Scope of one job of a multirun that runs in the sweep's own process.
+
+    Lightning's DDP launcher starts the other ranks as ``python -m vitlab.train <sys.argv[1:]>
+    hydra.run.dir=<hydra.run.dir>``: inside a multirun those would be the whole sweep again, in
+    a new folder. Here they are this job's overrides and folder. The launcher also leaves its
+    rendezvous variables (LOCAL_RANK, WORLD_SIZE, ...) in the environment, which would make the
+    next job think it was started by a launcher: the environment is restored afterwards.
+    """
+    hydra_cfg = HydraConfig.get()
+    saved_argv, saved_env, saved_dir = list(sys.argv), dict(os.environ), hydra_cfg.run.dir
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = output_dir
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = saved_dir
 
 
 def count_jobs(config: DictConfig) -> int | None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from vitlab.config import CONFIG_DIR, instantiate_dict
 from vitlab.records import RunRecord
 from vitlab.rundir import read_metrics
+from vitlab.sweep import sweep_job
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,11 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            with sweep_job(HydraConfig.get().runtime.output_dir):
+                metrics = train(cfg)
+        else:
+            metrics = train(cfg)
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
