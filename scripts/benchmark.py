@@ -174,28 +174,56 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     paths: list[Contender] = []
 
+    def flops(model):
+        return flops_per_image(model, m["image_size"], m["channels"])
+
     if "seed" not in args.skip:
         step, model = seed_path(cfg, data_dir, tmp, device, batch_size)
-        paths.append(Contender("seed", step, batch_size, flops_per_image(model, m["image_size"], m["channels"]), sync))
+        paths.append(Contender("seed", step, batch_size, flops(model), sync))
     if "timm" not in args.skip:
         model = timm_model(cfg)
-        paths.append(Contender("timm", bare_loop(model, ready, device, precision), batch_size, flops_per_image(model, m["image_size"], m["channels"]), sync))
+        paths.append(Contender("timm", bare_loop(model, ready, device, precision), batch_size, flops(model), sync))
     if "bare" not in args.skip:
         torch.manual_seed(0)
         model = SimpleViT(**{k: v for k, v in m.items() if k != "_target_"})
-        paths.append(Contender("bare", bare_loop(model, ready, device, precision), batch_size, flops_per_image(model, m["image_size"], m["channels"]), sync))
+        paths.append(Contender("bare", bare_loop(model, ready, device, precision), batch_size, flops(model), sync))
     if "full" not in args.skip:
         paths.append(full_path(cfg, args, batch_size, sync))
+    loader = loader_path(cfg, device, batch_size, sync)
 
     for _ in range(args.rounds):
-        for path in paths:
+        for path in [*paths, loader]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             path.run(args.warmup, args.steps)
             if device.type == "cuda":
                 path.gpu_mem = max(path.gpu_mem, torch.cuda.max_memory_allocated(device) / 2**30)
-    report(paths, device)
+    report(paths, loader, device)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def loader_path(cfg, device, batch_size, sync) -> Contender:
+    """The data pipeline alone: the datamodule's training loader, the copy to the device and
+    its batch-wise augmentation and normalisation, as Lightning runs them."""
+    import hydra
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    datamodule.trainer = type("Training", (), {"training": True})()  # augment as in training
+    loader = datamodule.train_dataloader()
+    it = iter(loader)
+
+    def step():
+        nonlocal it
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        batch = [t.to(device, non_blocking=True) for t in batch]
+        datamodule.on_after_batch_transfer(batch, 0)
+
+    return Contender("loader", step, batch_size, None, sync)
 
 
 def full_path(cfg, args, batch_size, sync) -> Contender:
@@ -231,7 +259,7 @@ def stretch_trainer(cfg, clock, max_steps):
     return build_trainer(cfg, extra_callbacks=[clock])
 
 
-def report(paths: list[Contender], device) -> None:
+def report(paths: list[Contender], loader: Contender, device) -> None:
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     rows = {}
     print(f"\n{'path':<6} {'images/s':>10} {'min-max':>17} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'RSS GiB':>8} {'GPU GiB':>8}")
@@ -242,6 +270,9 @@ def report(paths: list[Contender], device) -> None:
         mfu = f"{achieved / peak:6.1%}" if achieved and peak else "   n/a"
         print(f"{p.name:<6} {rate:10.1f} {min(p.rates):8.1f}-{max(p.rates):<8.1f} {(p.flops or 0) / 1e9:10.4f} "
               f"{(achieved or 0) / 1e12:8.3f} {mfu} {p.rss:8.2f} {p.gpu_mem:8.2f}")
+    loader_rate = statistics.median(loader.rates)
+    model_rate = rows.get("full") or rows.get("bare")
+    print(f"\nloader alone: {loader_rate:.0f} images/s" + (f" = {loader_rate / model_rate:.0f}x the model's" if model_rate else ""))
     ratio = lambda a, b: f"{rows[a] / rows[b]:.2f}x" if a in rows and b in rows else "n/a"  # noqa: E731
     print(f"\nfull/bare = {ratio('full', 'bare')} (Lightning + data overhead), bare/timm = {ratio('bare', 'timm')}")
     print(f"full/seed = {ratio('full', 'seed')}")

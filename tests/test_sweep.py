@@ -1,11 +1,14 @@
 """Fault-tolerant, resumable multiruns and runs."""
 
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import yaml
 
 from conftest import SLICE, run_entry
 
@@ -23,6 +26,13 @@ def test_failing_job_does_not_stop_the_sweep_and_rerun_skips_completed(tmp_path,
     assert list(jobs) == ["0_model.patch_size=4", "1_model.patch_size=5", "2_model.patch_size=7"]
     assert [m["status"] for m in jobs.values()] == ["completed", "failed", "completed"]
     assert "model.patch_size=5 does not divide the image size 28" in jobs["1_model.patch_size=5"]["error"]
+    # The summary is written although a job failed, with the failure and its reason.
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model.patch_size"], r["status"]) for r in rows] == [("4", "completed"), ("5", "failed"), ("7", "completed")]
+    assert "does not divide" in rows[1]["error"]
+    assert "1 of 3 jobs failed" in first.stderr
+    assert "job 2/3: model.patch_size=5 failed: ValueError: model.patch_size=5 does not divide" in first.stdout
 
     stamps = {name: os.stat(sweep / name / "checkpoints" / "last.ckpt").st_mtime_ns for name in ("0_model.patch_size=4", "2_model.patch_size=7")}
     second = run_entry("vitlab.train", *args, cwd=tmp_path, data_dir=data_dir, check=False)
@@ -56,3 +66,36 @@ def test_run_killed_with_sigkill_resumes_from_last_checkpoint(tmp_path, data_dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert metrics["epochs"] == 4 and metrics["global_step"] == 80
+
+
+def test_ddp_jobs_in_a_multirun_keep_one_folder_each(tmp_path, data_dir):
+    """Lightning restarts the script for the other DDP ranks: they must join their job, not
+    start the sweep again or open new run folders."""
+    result = run_entry("vitlab.train", "-m", "trainer=ddp", "seed=0,1", *SLICE, "trainer.max_epochs=1", "sweep=ddp",
+                       cwd=tmp_path, data_dir=data_dir)
+    sweep = tmp_path / "outputs" / "multirun" / "ddp"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_seed=0", "1_seed=1"]
+    assert not (tmp_path / "outputs" / "runs").exists()
+    for job in ("0_seed=0", "1_seed=1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["status"] == "completed"
+        # 8 batches of 64 split over 2 processes: 4 optimiser steps each.
+        assert metrics["global_step"] == 4
+    assert result.stdout.count("job 1/2: seed=0 completed") == 1
+
+
+def test_submitit_launcher_and_optuna_search(tmp_path, data_dir):
+    """The cluster launcher's code path (through submitit's local executor) and the Optuna sweeper."""
+    run_entry("vitlab.train", "-m", "launcher=submitit_local", "seed=0,1", *SLICE, "trainer.max_epochs=1", "sweep=slurm",
+              cwd=tmp_path, data_dir=data_dir)
+    jobs = job_metrics(tmp_path / "outputs" / "multirun" / "slurm")
+    assert list(jobs) == ["0_seed=0", "1_seed=1"] and all(m["status"] == "completed" for m in jobs.values())
+
+    run_entry("vitlab.train", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *SLICE, "trainer.max_epochs=1",
+              "sweep=search", cwd=tmp_path, data_dir=data_dir)
+    sweep = tmp_path / "outputs" / "multirun" / "search"
+    jobs = job_metrics(sweep)
+    assert len(jobs) == 3 and all(name.split("_", 1)[1].startswith("model.depth=") for name in jobs)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(m["best_val_acc"] for m in jobs.values())
+    assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "model.depth", "model.patch_size"}

@@ -1,4 +1,5 @@
-"""Multirun job folders named by what the sweep varies.
+"""Multiruns: job folders named by what the sweep varies, progress lines, a summary at the
+end, and jobs that stay jobs under DDP.
 
 Hydra's ``override_dirname`` names a job by *all* its overrides, which soon passes the
 file-name limit and buries the swept values among fixed ones. Here the parent process of a
@@ -9,17 +10,17 @@ multirun (a Hydra callback) notes which keys are swept, and each job's folder is
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 import os
 import sys
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.types import RunMode
 from hydra.experimental.callback import Callback
-from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from vitlab.rundir import read_metrics
