@@ -79,8 +79,8 @@ def test_ddp_jobs_in_a_multirun_keep_one_folder_each(tmp_path, data_dir):
     for job in ("0_seed=0", "1_seed=1"):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["status"] == "completed"
-        # 8 batches of 64 split over 2 processes: 4 optimiser steps each.
-        assert metrics["global_step"] == 4
+        # limit_train_batches=8 counts per process: 8 steps of 2 x 64 images.
+        assert metrics["global_step"] == 8
     assert result.stdout.count("job 1/2: seed=0 completed") == 1
 
 

@@ -38,7 +38,7 @@ def test_short_training_run_from_any_folder(tmp_path, data_dir):
     values, metric_tags = hparams(run)
     assert {"hp/best_val_acc", "hp/test_acc", "hp/test_loss"} <= set(metric_tags)
     assert "hp_metric" not in metric_tags
-    assert values["model/patch_size"] == 4 and values["optimizer/lr"] == 1e-3 and values["choice/data"] == "fashion_mnist"
+    assert values["model/patch_size"] == 4 and values["optimizer/lr"] == 2e-3 and values["choice/data"] == "fashion_mnist"
     test_acc = load(run).Scalars("hp/test_acc")[-1].value
     assert abs(test_acc - metrics["test/acc"]) < 1e-6
 
