@@ -6,6 +6,7 @@ import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 import vitlab.config  # noqa: F401  (registers the resolvers)
@@ -22,6 +23,7 @@ def compose_train(*overrides, tmp: Path | None = None):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as in a run: ${hydra:...} resolves
     # Outside a real run there is no hydra:runtime.output_dir; stand one in.
     cfg.paths.output_dir = str(tmp or "/tmp/vitlab-compose")
     return cfg
