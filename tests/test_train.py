@@ -66,8 +66,26 @@ def test_multirun_gives_one_folder_per_job(tmp_path, data_dir):
 def test_invalid_patch_size_fails_before_training(tmp_path, data_dir):
     result = run_entry("vitlab.train", *SLICE, "model.patch_size=5", cwd=tmp_path, data_dir=data_dir, check=False)
     assert result.returncode != 0
-    assert "model.patch_size=5 does not divide the image size 28" in result.stderr
+    assert "error: ValueError: model.patch_size=5 does not divide the image size 28" in result.stderr
+    assert "Traceback" not in result.stderr, "a config mistake gets a message, not a traceback"
     run = only(tmp_path.glob("outputs/runs/*/*"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "does not divide" in metrics["error"]
     assert not (run / "checkpoints").exists()
+
+
+def test_diverging_learning_rate_stops_the_run_naming_the_step(tmp_path, data_dir):
+    result = run_entry("vitlab.train", *SLICE, "optimizer.lr=1e6", "module.label_smoothing=0", cwd=tmp_path, data_dir=data_dir, check=False)
+    assert result.returncode == 1
+    assert "error: FloatingPointError: train/loss is nan at step" in result.stderr
+    metrics = json.loads(only(tmp_path.glob("outputs/runs/*/*/metrics.json")).read_text())
+    assert metrics["status"] == "failed" and "lower optimizer.lr" in metrics["error"]
+
+
+def test_missing_data_is_one_sentence_before_training(tmp_path, data_dir):
+    result = run_entry("vitlab.train", *SLICE, "data.download=false", cwd=tmp_path, data_dir=tmp_path / "empty", check=False)
+    assert result.returncode == 1
+    assert "put train-images-idx3-ubyte.gz" in result.stderr and str(tmp_path / "empty" / "FashionMNIST" / "raw") in result.stderr
+    assert "Traceback" not in result.stderr
+    metrics = json.loads(only(tmp_path.glob("outputs/runs/*/*/metrics.json")).read_text())
+    assert metrics["status"] == "failed" and "global_step" not in metrics

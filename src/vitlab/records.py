@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitlab.callbacks import Throughput
 from vitlab.models import count_parameters, flops_per_image
-from vitlab.rundir import METRICS_FILE, write_json
+from vitlab.rundir import METRICS_FILE, failure_reason, write_json
 
 #: Config sections whose fields all go into the HParams table (``_target_`` shortened).
 HPARAM_SECTIONS = ("model", "optimizer", "scheduler", "module")
@@ -84,10 +84,7 @@ class RunRecord:
         self.save()
 
     def fail(self, error: BaseException) -> None:
-        root = error
-        while root.__cause__ is not None:  # e.g. Hydra's InstantiationException wraps the real error
-            root = root.__cause__
-        reason = f"{type(root).__name__}: {root}".strip().splitlines()[0]
+        _, reason = failure_reason(error)
         self.payload.update(status="failed", error=reason, traceback=traceback.format_exc())
         self.save()
 

@@ -7,6 +7,7 @@ from the config, fit, test the best checkpoint, and record the run.
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 import lightning as L
@@ -17,10 +18,14 @@ from omegaconf import DictConfig
 
 from vitlab.config import CONFIG_DIR, instantiate_dict
 from vitlab.records import RunRecord
-from vitlab.rundir import read_metrics
+from vitlab.data import DataError
+from vitlab.rundir import failure_reason, read_metrics
 from vitlab.sweep import sweep_job
 
 log = logging.getLogger(__name__)
+
+#: Errors a user causes and fixes (config values, data on disk, a diverging learning rate).
+USER_ERRORS = (ValueError, DataError, FloatingPointError, FileNotFoundError)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
@@ -77,12 +82,18 @@ def main(cfg: DictConfig) -> float | None:
         else:
             metrics = train(cfg)
     except Exception as error:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
-        # In a sweep the failure is recorded in the job's metrics.json; the other jobs go on and
-        # the sweep exits non-zero at its end (vitlab.sweep.SweepCallback).
-        log.error(f"job failed: {type(error).__name__}: {error}")
-        return None
+        root, reason = failure_reason(error)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # The failure is recorded in the job's metrics.json; the other jobs go on and the
+            # sweep exits non-zero at its end (vitlab.sweep.SweepCallback).
+            log.error(f"job failed: {reason}")
+            return None
+        if isinstance(root, USER_ERRORS):
+            # A config or data mistake: the message names the value and the fix; the
+            # traceback is kept in metrics.json rather than printed.
+            print(f"error: {reason}\n(traceback in {HydraConfig.get().runtime.output_dir}/metrics.json)", file=sys.stderr)
+            sys.exit(1)
+        raise
     # The value a Hydra sweeper (e.g. Optuna) optimises.
     return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
 
