@@ -49,8 +49,9 @@ def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[
 class RunRecord:
     """Keeps ``metrics.json`` in the run folder true at every moment.
 
-    ``status`` is ``running`` from the start, then ``completed``, ``failed`` (with the one-line
-    reason) or ``interrupted``; a failure never removes checkpoints already written.
+    ``status`` is ``running`` from the start, ``fitted`` between fit and test, then
+    ``completed``, ``failed`` (with the one-line reason and the traceback) or ``interrupted``;
+    a failure never removes checkpoints already written.
     """
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path, previous: dict | None = None):

@@ -17,8 +17,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vitlab.config import CONFIG_DIR, instantiate_dict
-from vitlab.records import RunRecord
 from vitlab.data import DataError
+from vitlab.records import RunRecord
 from vitlab.rundir import failure_reason, read_metrics
 from vitlab.sweep import sweep_job
 
@@ -29,6 +29,7 @@ USER_ERRORS = (ValueError, DataError, FloatingPointError, FileNotFoundError)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
+    """The Trainer with the config's callbacks and loggers (and any given here)."""
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_dict(cfg.get("logger")) or False)
 
