@@ -84,8 +84,17 @@ def test_ddp_jobs_in_a_multirun_keep_one_folder_each(tmp_path, data_dir):
     assert result.stdout.count("job 1/2: seed=0 completed") == 1
 
 
-def test_submitit_launcher_and_optuna_search(tmp_path, data_dir):
-    """The cluster launcher's code path (through submitit's local executor) and the Optuna sweeper."""
+def test_launchers_and_optuna_search(tmp_path, data_dir):
+    """Parallel jobs (joblib), the cluster launcher's code path (through submitit's local
+    executor) and the Optuna sweeper."""
+    run_entry("vitlab.train", "-m", "launcher=joblib", "seed=0,1", *SLICE, "trainer.max_epochs=1", "sweep=parallel",
+              cwd=tmp_path, data_dir=data_dir)
+    sweep = tmp_path / "outputs" / "multirun" / "parallel"
+    assert all(m["status"] == "completed" for m in job_metrics(sweep).values()) and len(job_metrics(sweep)) == 2
+    # Two jobs side by side share the cores: one torch thread each on a 2-core machine.
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"torch_threads: {threads}" in (sweep / "0_seed=0" / "config.yaml").read_text()
+
     run_entry("vitlab.train", "-m", "launcher=submitit_local", "seed=0,1", *SLICE, "trainer.max_epochs=1", "sweep=slurm",
               cwd=tmp_path, data_dir=data_dir)
     jobs = job_metrics(tmp_path / "outputs" / "multirun" / "slurm")
