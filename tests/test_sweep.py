@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import torch
 import yaml
 
 from conftest import SLICE, run_entry
@@ -109,3 +110,26 @@ def test_launchers_and_optuna_search(tmp_path, data_dir):
     assert best["best_value"] == max(m["best_val_acc"] for m in jobs.values())
     # SLICE fixes model.depth on the command line, which takes it out of the search space.
     assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "model.patch_size"}
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resumes(tmp_path, data_dir):
+    overrides = [*SLICE, "trainer.max_epochs=3", "trainer.limit_train_batches=150", "name=preempted"]
+    run_dir = tmp_path / "outputs" / "runs" / "preempted"
+    env = {**os.environ, "VITLAB_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab.train", *overrides], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # during epoch 2, as a scheduler's preemption would
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "interrupted by SIGTERM" in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 150 <= step < 450, "saved at the step reached (the kill lands in epoch 2)"
+
+    run_entry("vitlab.train", *overrides, cwd=tmp_path, data_dir=data_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == 450

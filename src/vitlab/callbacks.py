@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class Throughput(L.Callback):
@@ -43,3 +45,19 @@ class Throughput(L.Callback):
     @property
     def images_per_s(self) -> float | None:
         return self.total_images / self.total_seconds if self.total_seconds else None
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (what cluster schedulers send before preemption), save ``last.ckpt`` before
+    the process exits, so a re-run resumes from the step it reached.
+
+    Lightning stops at the next step boundary with ``SIGTERMException``; other exceptions (a NaN
+    loss, say) leave ``last.ckpt`` as the last good end of epoch.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
+        self.path = os.path.join(dirpath, filename)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.callbacks import Throughput
@@ -85,8 +86,9 @@ class RunRecord:
         self.save()
 
     def fail(self, error: BaseException) -> None:
-        _, reason = failure_reason(error)
-        self.payload.update(status="failed", error=reason, traceback=traceback.format_exc())
+        root, reason = failure_reason(error)
+        status = "interrupted" if isinstance(root, SIGTERMException) else "failed"
+        self.payload.update(status=status, error=reason, traceback=traceback.format_exc())
         self.save()
 
     def fitted(self, trainer: L.Trainer) -> None:

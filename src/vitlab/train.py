@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vitlab.config import CONFIG_DIR, instantiate_dict
@@ -82,6 +83,11 @@ def main(cfg: DictConfig) -> float | None:
                 metrics = train(cfg)
         else:
             metrics = train(cfg)
+    except SIGTERMException:
+        # Preemption: last.ckpt was saved at the step reached (vitlab.callbacks.CheckpointOnSigterm).
+        last = f"{HydraConfig.get().runtime.output_dir}/checkpoints/last.ckpt"
+        print(f"interrupted by SIGTERM; resume with the same name=/sweep= or ckpt_path={last}", file=sys.stderr)
+        sys.exit(143)
     except Exception as error:
         root, reason = failure_reason(error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
