@@ -15,8 +15,6 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 Points = list[tuple[int, float]]
-#: Per-step training loss; older runs logged it as ``train/loss_step``.
-TRAIN_LOSS_TAGS = ("train/loss", "train/loss_step")
 
 
 def read_scalars(run_dir: str | Path) -> dict[str, Points]:
@@ -37,11 +35,9 @@ def curves(scalars: dict[str, Points]) -> tuple[dict[str, Points], str]:
     epoch_at = dict(scalars.get("epoch", ()))
     x_of = (lambda step: int(epoch_at[step]) + 1 if step in epoch_at else None) if epoch_at else (lambda step: step)
     out = {}
-    loss_tag = next((t for t in TRAIN_LOSS_TAGS if t in scalars), None)
     for name in ("train/loss", "val/loss", "train/acc", "val/acc"):
-        tag = loss_tag if name == "train/loss" else name
         by_x = defaultdict(list)
-        for step, value in scalars.get(tag, ()):
+        for step, value in scalars.get(name, ()):
             if (x := x_of(step)) is not None:
                 by_x[x].append(value)
         if by_x:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitlab.callbacks import Throughput
 from vitlab.models import count_parameters, flops_per_image
-from vitlab.rundir import METRICS_FILE, failure_reason, write_json
+from vitlab.rundir import LAST_CHECKPOINT, METRICS_FILE, failure_reason, write_json
 
 #: Config sections whose fields all go into the HParams table (``_target_`` shortened).
 HPARAM_SECTIONS = ("model", "optimizer", "scheduler", "module")
@@ -71,7 +71,7 @@ class RunRecord:
     @property
     def last_checkpoint(self) -> str | None:
         """``checkpoints/last.ckpt`` of an earlier, unfinished attempt in this folder."""
-        last = self.dir / "checkpoints" / "last.ckpt"
+        last = self.dir / LAST_CHECKPOINT
         return str(last) if last.is_file() else None
 
     def save(self) -> None:

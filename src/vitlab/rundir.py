@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.json"
+#: Where ModelCheckpoint(save_last) and CheckpointOnSigterm leave the checkpoint a re-run resumes from.
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 
 def failure_reason(error: BaseException) -> tuple[BaseException, str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from vitlab.config import CONFIG_DIR, instantiate_dict
 from vitlab.data import DataError
 from vitlab.records import RunRecord
-from vitlab.rundir import failure_reason, read_metrics
+from vitlab.rundir import LAST_CHECKPOINT, failure_reason, read_metrics
 from vitlab.sweep import sweep_job
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def main(cfg: DictConfig) -> float | None:
             metrics = train(cfg)
     except SIGTERMException:
         # Preemption: last.ckpt was saved at the step reached (vitlab.callbacks.CheckpointOnSigterm).
-        last = f"{HydraConfig.get().runtime.output_dir}/checkpoints/last.ckpt"
+        last = f"{HydraConfig.get().runtime.output_dir}/{LAST_CHECKPOINT}"
         print(f"interrupted by SIGTERM; resume with the same name=/sweep= or ckpt_path={last}", file=sys.stderr)
         sys.exit(143)
     except Exception as error:
