@@ -114,3 +114,97 @@ def test_parameter_and_flop_counts():
     # Two matmul FLOPs per weight per token is the bulk; attention adds a little.
     per_token_weights = 2 * (32 * 96 + 32 * 32 + 2 * 32 * 64)
     assert 2 * 16 * per_token_weights < flops < 4 * 16 * per_token_weights
+
+
+# --- Recipe knobs: head initialisation, dropout, stochastic depth --------------------------
+
+
+def test_zero_head_gives_uniform_initial_logits():
+    x = torch.randn(5, 1, 28, 28)
+    zero = make(head_init="zero")
+    logits = zero(x)
+    torch.testing.assert_close(logits, torch.zeros(5, 10), rtol=0, atol=0)
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(5))
+    torch.testing.assert_close(loss, torch.log(torch.tensor(10.0)))
+    # The head still learns: its weight gets a gradient on the first step.
+    loss.backward()
+    assert zero.linear_head.weight.grad.abs().sum() > 0
+    # The default Xavier head does not start uniform.
+    assert make()(x).std(dim=1).min() > 0
+
+
+def test_zero_head_changes_only_the_head():
+    xavier, zero = make(), make(head_init="zero")
+    for name, value in xavier.state_dict().items():
+        if name.startswith("linear_head."):
+            assert not zero.state_dict()[name].any(), name
+        else:
+            torch.testing.assert_close(zero.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("knob", ["dropout", "drop_path"])
+def test_regularisers_act_in_train_mode_only(knob):
+    x = torch.randn(16, 1, 28, 28)
+    plain = make().eval()
+    regularised = make(**{knob: 0.5})
+    # No parameters of their own: the same checkpoint keys, so weights load either way.
+    assert list(regularised.state_dict()) == list(plain.state_dict())
+    regularised.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        reference = plain(x)
+        regularised.eval()
+        torch.testing.assert_close(regularised(x), reference, rtol=0, atol=0)
+        regularised.train()
+        torch.manual_seed(0)
+        first = regularised(x)
+        torch.manual_seed(1)
+        second = regularised(x)
+    assert not torch.allclose(first, reference)
+    assert not torch.allclose(first, second)
+
+
+def test_default_train_mode_is_deterministic():
+    model, x = make().train(), torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_stochastic_depth_rises_linearly_and_drops_per_sample():
+    model = make(depth=4, drop_path=0.3)
+    rates = [m.p for m in model.transformer.drop_paths]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert all(m.mode == "row" for m in model.transformer.drop_paths)
+    # One image repeated: in train mode each copy draws its own blocks, so the rows differ;
+    # in eval mode they are identical.
+    x = torch.randn(1, 1, 28, 28).expand(32, -1, -1, -1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_rows = model.train()(x)
+        eval_rows = model.eval()(x)
+    assert (eval_rows - eval_rows[0]).abs().max() < 1e-5
+    # Rows differ, yet copies that drew the same blocks agree: a mask per sample, not per batch.
+    distinct = torch.unique(train_rows.round(decimals=4), dim=0)
+    assert 1 < len(distinct) < len(x)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(dropout=1.0), "model.dropout=1.0 is not a probability in [0, 1): use 0 to turn it off"),
+        (dict(drop_path=-0.1), "model.drop_path=-0.1 is not a probability in [0, 1)"),
+        (dict(drop_path="0.1"), "model.drop_path='0.1' is not a probability in [0, 1)"),
+        (dict(dropout=True), "model.dropout=True is not a probability in [0, 1)"),
+        (dict(head_init="normal"), "model.head_init='normal' is not one of xavier, zero"),
+        (dict(patch_size=16), "model.patch_size=16 does not divide the image size 28: choose a patch size from "
+                              "[1, 2, 4, 7, 14, 28], or images whose side is a multiple of 16 "
+                              "(model.image_size comes from the data config: data.image_size)"),
+    ],
+)
+def test_invalid_recipe_knobs_fail_at_construction(overrides, fragment):
+    with pytest.raises(ValueError) as info:
+        make(**overrides)
+    assert fragment in str(info.value)
+
+
+def test_zero_rates_are_accepted_as_integers():
+    assert make(dropout=0, drop_path=0)(torch.randn(1, 1, 28, 28)).shape == (1, 10)

@@ -3,6 +3,8 @@ for ImageNet-1k".
 
 Patchify -> LayerNorm-Linear-LayerNorm embedding -> fixed 2-D sincos position embedding ->
 pre-norm Transformer blocks -> final LayerNorm -> mean pooling -> linear head.
+Regularisers for longer or larger runs, all off by default: dropout on each residual branch,
+stochastic depth (drop path), and a zero-initialised head.
 
 Plain PyTorch on purpose: no Lightning, no Hydra. The constructor's keyword arguments are the
 fields of the ``model`` config group.
@@ -15,10 +17,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 POOLS = ("mean", "cls")
 POS_EMBS = ("sincos2d", "learned", "none")
 ATTENTIONS = ("math", "sdpa", "auto")
+HEAD_INITS = ("xavier", "zero")
+
+
+def _dropout(p: float) -> nn.Module:
+    # Identity at 0 keeps the default model's forward exactly as without dropout.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -37,7 +46,7 @@ def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> 
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(
             nn.LayerNorm(dim),
@@ -45,9 +54,11 @@ class FeedForward(nn.Module):
             nn.GELU(),
             nn.Linear(hidden_dim, dim),
         )
+        # Outside `net`, which keeps its parameter names (those of vit_pytorch's SimpleViT).
+        self.dropout = _dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.dropout(self.net(x))
 
 
 class Attention(nn.Module):
@@ -59,7 +70,7 @@ class Attention(nn.Module):
     forward time (explicit on CPU, where it measured faster in bf16; SDPA elsewhere).
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, attention: str = "auto"):
+    def __init__(self, dim: int, heads: int, dim_head: int, attention: str = "auto", dropout: float = 0.0):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
@@ -68,6 +79,7 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
+        self.dropout = _dropout(dropout)
 
     def use_sdpa(self, x: torch.Tensor) -> bool:
         if self.attention == "auto":
@@ -82,22 +94,30 @@ class Attention(nn.Module):
         else:
             attn = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1)
             out = attn @ v
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, attention: str):
+    def __init__(
+        self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, attention: str,
+        dropout: float = 0.0, drop_path: float = 0.0,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([Attention(dim, heads, dim_head, attention), FeedForward(dim, mlp_dim)])
+            nn.ModuleList([Attention(dim, heads, dim_head, attention, dropout), FeedForward(dim, mlp_dim, dropout)])
             for _ in range(depth)
         )
+        # Stochastic depth (Huang et al. 2016) per sample, its rate rising linearly from 0 at the
+        # first block to `drop_path` at the last, as in DeiT (Touvron et al. 2021). A separate
+        # list without parameters, so checkpoint keys do not depend on it.
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.drop_paths = nn.ModuleList(StochasticDepth(rate, mode="row") for rate in rates)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
+        for (attn, ff), drop_path in zip(self.layers, self.drop_paths):
+            x = drop_path(attn(x)) + x
+            x = drop_path(ff(x)) + x
         return self.norm(x)
 
 
@@ -117,17 +137,22 @@ class SimpleViT(nn.Module):
         pool: str = "mean",
         pos_emb: str = "sincos2d",
         attention: str = "auto",
+        head_init: str = "xavier",
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         _validate(
             image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
             depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels, dim_head=dim_head,
-            pool=pool, pos_emb=pos_emb, attention=attention,
+            pool=pool, pos_emb=pos_emb, attention=attention, head_init=head_init,
+            dropout=dropout, drop_path=drop_path,
         )
         grid = image_size // patch_size
         patch_dim = channels * patch_size * patch_size
         self.pool = pool
         self.pos_emb_kind = pos_emb
+        self.head_init = head_init
         self.num_patches = grid * grid
 
         self.to_patch_embedding = nn.Sequential(
@@ -145,7 +170,7 @@ class SimpleViT(nn.Module):
             self.pos_embedding = None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
 
-        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, attention)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, attention, dropout, drop_path)
         self.linear_head = nn.Linear(dim, num_classes)
         self.reset_parameters()
 
@@ -162,6 +187,10 @@ class SimpleViT(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+        if self.head_init == "zero":
+            # Beyer et al. 2022 (big_vision's head_zeroinit): every class starts at logit 0, so
+            # the initial loss is exactly log(num_classes).
+            nn.init.zeros_(self.linear_head.weight)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that are embeddings (besides norms and biases, found by shape)."""
@@ -189,7 +218,8 @@ def _validate(**cfg) -> None:
         divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
         raise ValueError(
             f"model.patch_size={patch_size} does not divide the image size {image_size}: "
-            f"choose a patch size from {divisors}."
+            f"choose a patch size from {divisors}, or images whose side is a multiple of {patch_size} "
+            f"(model.image_size comes from the data config: data.image_size)."
         )
     if cfg["pos_emb"] == "sincos2d" and cfg["dim"] % 4:
         lower = cfg["dim"] - cfg["dim"] % 4
@@ -197,9 +227,16 @@ def _validate(**cfg) -> None:
             f"model.dim={cfg['dim']} is not a multiple of 4, which the 2-D sincos position "
             f"embedding needs: use dim={lower or 4} or {lower + 4}, or pos_emb=learned."
         )
-    for name, allowed in (("pool", POOLS), ("pos_emb", POS_EMBS), ("attention", ATTENTIONS)):
+    for name, allowed in (("pool", POOLS), ("pos_emb", POS_EMBS), ("attention", ATTENTIONS), ("head_init", HEAD_INITS)):
         if cfg[name] not in allowed:
             raise ValueError(f"model.{name}={cfg[name]!r} is not one of {', '.join(allowed)}.")
+    for name in ("dropout", "drop_path"):
+        value = cfg[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(
+                f"model.{name}={value!r} is not a probability in [0, 1): use 0 to turn it off, "
+                f"or a rate such as 0.1."
+            )
 
 
 def count_parameters(model: nn.Module) -> int:
