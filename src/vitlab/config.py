@@ -35,11 +35,18 @@ def threads_per_job(n_jobs: int) -> int:
     return 1 if n_jobs <= 0 else max(1, cores // n_jobs)
 
 
+def exact_div(a: int, b: int) -> int:
+    """``a / b`` for integers that must divide (``${vitlab.div:${model.dim},${model.heads}}``)."""
+    if b <= 0 or a % b:
+        raise ValueError(f"{a} is not divisible by {b}: choose a divisor of {a}, e.g. {[d for d in range(1, a + 1) if a % d == 0]}.")
+    return a // b
+
+
 def register_resolvers() -> None:
     from vitlab.sweep import job_dirname
 
     resolvers = (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname), ("vitlab.first", first_set),
-                 ("vitlab.threads_per_job", threads_per_job))
+                 ("vitlab.threads_per_job", threads_per_job), ("vitlab.div", exact_div))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
