@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from vitlab.checkpoint import RunInfo, check_compatible, load_checkpoint
 from vitlab.config import CONFIG_DIR, instantiate_dict
 from vitlab.data import DataError
 from vitlab.records import RunRecord
@@ -58,17 +59,27 @@ def train(cfg: DictConfig) -> dict:
         return previous
     record = RunRecord(cfg, output_dir, previous)
     # Continue an interrupted attempt in this folder from its last checkpoint.
+    resuming = not cfg.get("ckpt_path") and cfg.resume and record.last_checkpoint is not None
     ckpt_path = cfg.get("ckpt_path") or (record.last_checkpoint if cfg.resume else None)
     try:
+        # Opened without unpickling code, before anything is built or trained.
+        checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
+        if checkpoint is not None:
+            fix = "pass this run's settings again, or resume=false to train from scratch" if resuming else None
+            check_compatible(checkpoint, ckpt_path, cfg.model, module, name="ckpt_path", fix=fix)
+            del checkpoint
+        # Every checkpoint describes its run (for eval/predict) and carries the RNG states (for resume).
+        trainer.callbacks.append(RunInfo(cfg, datamodule))
         record.describe_model(module.net, datamodule.image_size, datamodule.channels)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         record.fitted(trainer)
         test_metrics = {}
         if cfg.get("test") and not trainer.interrupted:
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)
-            test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None)[0]
+            test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None,
+                                        weights_only=True)[0]
         return record.finish(trainer, test_metrics)
     except BaseException as error:
         record.fail(error)

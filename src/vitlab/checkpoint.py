@@ -1,0 +1,189 @@
+"""Checkpoints that are safe to open, checked before use, and describe themselves.
+
+- Opening never unpickles code: files are read with ``torch.load(weights_only=True)`` (tensors,
+  containers and plain values only) and Lightning is told the same (``weights_only=True`` in
+  ``fit``/``test``/``predict``), so a tampered file is refused before anything in it runs.
+- ``ckpt_path`` is checked before training: it exists, it is a checkpoint, and it comes from
+  a model with the same configuration as the one being built (mismatching fields are named).
+- ``RunInfo`` adds what eval and predict need to every checkpoint (the model and data
+  config, class names, normalisation statistics) and the random number generators' states, so
+  a resumed run draws the same data order and augmentations as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+#: Key of the run's own description inside a checkpoint.
+RUN_INFO_KEY = "vitlab"
+#: Model fields that may differ between a checkpoint and the model it is loaded into: how the
+#: network runs (kernel, compilation), how it was initialised, and training-only regularisers.
+FREE_FIELDS = frozenset({"attention", "compile", "head_init", "dropout", "drop_path"})
+
+
+class CheckpointError(ValueError):
+    """A ``ckpt_path`` the user can fix: not a checkpoint, unsafe, or from another model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file asks to import and call code when loaded."""
+
+
+def load_checkpoint(path: str | Path, name: str = "ckpt_path") -> dict[str, Any]:
+    """The checkpoint at ``path`` as a dict of tensors and plain values, without running code.
+
+    Tensors are memory-mapped, so checking a large checkpoint reads little of it. ``name`` is
+    how the path is called in messages (the config field it came from).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{name}={path} does not exist: pass the path of a .ckpt file "
+            f"(a run keeps its checkpoints in <run folder>/checkpoints/)."
+        )
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.ckpt"))
+        hint = f"one of {found}" if found else "a .ckpt file"
+        raise CheckpointError(f"{name}={path} is a folder: pass {hint} inside it.")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{name}={path} is not a PyTorch checkpoint (not the zip archive torch.save writes; "
+            f"it may be truncated or another kind of file): pass a .ckpt written by vitlab.train."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        # torch names the forbidden import, e.g. "unsupported GLOBAL posix.system".
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "objects other than tensors")
+        raise UnsafeCheckpointError(
+            f"{name}={path} was refused: it holds code to run when loaded ({detail}), which a checkpoint "
+            f"written by vitlab.train never does. Use a checkpoint from a source you trust."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{name}={path} is a damaged checkpoint ({first}): use another one, e.g. last.ckpt.") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise CheckpointError(f"{name}={path} holds no model weights (no state_dict): it is not a Lightning checkpoint.")
+    return checkpoint
+
+
+def run_config(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The run's description: stored in the checkpoint by ``RunInfo`` or, for checkpoints without
+    it, read from the ``config.yaml`` of the run folder the checkpoint sits in."""
+    info = checkpoint.get(RUN_INFO_KEY)
+    if isinstance(info, Mapping):
+        return dict(info)
+    path = Path(path).expanduser().resolve()
+    for folder in (path.parent, path.parent.parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            saved = OmegaConf.to_container(OmegaConf.load(config))
+            return {"model": saved.get("model"), "data": saved.get("data")}
+    return {}
+
+
+def config_mismatches(saved: Mapping[str, Any] | None, current: Mapping[str, Any], prefix: str = "model") -> list[str]:
+    """``"model.dim: checkpoint 128, config 64"`` for each field set on both sides that differs
+    (``FREE_FIELDS`` excluded; a field only one side has is newer than the other's code, and the
+    weights' shapes are checked as well)."""
+    if not saved:
+        return []
+    keys = sorted((set(saved) & set(current)) - FREE_FIELDS)
+    return [f"{prefix}.{key}: checkpoint {saved[key]}, config {current[key]}" for key in keys if saved[key] != current[key]]
+
+
+def state_dict_mismatches(saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> list[str]:
+    """Weights missing on either side or of another shape."""
+    problems = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(current[k].shape)}"
+                for k in current if k in saved and tuple(saved[k].shape) != tuple(current[k].shape)]
+    missing = [k for k in current if k not in saved]
+    extra = [k for k in saved if k not in current]
+    if missing:
+        problems.append(f"missing in the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"not in the model: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    return problems
+
+
+def check_compatible(checkpoint: Mapping[str, Any], path: str | Path, model_cfg: DictConfig | Mapping,
+                     module: torch.nn.Module, name: str = "ckpt_path", fix: str | None = None) -> None:
+    """Raise ``CheckpointError`` naming the fields in which the checkpoint's model differs from
+    the configured one (its saved config first, else the weights' names and shapes)."""
+    current = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    problems = (config_mismatches(run_config(checkpoint, path).get("model"), current)
+                or state_dict_mismatches(checkpoint["state_dict"], module.state_dict()))
+    if problems:
+        fix = fix or "set these fields to the checkpoint's values (see config.yaml in its run folder) or use another checkpoint"
+        raise CheckpointError(f"{name}={path} comes from a model with a different configuration: {'; '.join(problems)}. {fix.capitalize()}.")
+
+
+def rng_states() -> dict[str, Any]:
+    """States of the torch, CUDA, numpy and Python generators, as tensors and plain values (so
+    they load with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+class RunInfo(L.Callback):
+    """Writes the run's description into every checkpoint and restores the random generators
+    on resume.
+
+    ``checkpoint["vitlab"]`` holds the resolved ``model`` and ``data`` config, the class names,
+    the normalisation statistics and the image shape: what ``vitlab.eval`` and
+    ``vitlab.predict`` need, travelling with the file. The generators' states are the
+    callback's own state (saved where it is saved, restored before the first batch), so a run
+    resumed from an end-of-epoch checkpoint continues with the data order and augmentation
+    draws of an uninterrupted one.
+    """
+
+    def __init__(self, cfg: DictConfig, datamodule: L.LightningDataModule):
+        self.cfg = cfg
+        self.datamodule = datamodule
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        dm = self.datamodule
+        checkpoint[RUN_INFO_KEY] = {
+            "model": _plain(self.cfg.get("model")),
+            "data": _plain(self.cfg.get("data")),
+            "classes": [str(c) for c in getattr(dm, "class_names", [])],
+            "image_size": getattr(dm, "image_size", None),
+            "channels": getattr(dm, "channels", None),
+            "mean": [float(v) for v in torch.as_tensor(dm.mean).flatten()] if hasattr(dm, "mean") else None,
+            "std": [float(v) for v in torch.as_tensor(dm.std).flatten()] if hasattr(dm, "std") else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            set_rng_states(state_dict["rng"])
