@@ -24,6 +24,15 @@ def auto_precision() -> str:
     return "32-true"
 
 
+def class_folders(root: str | None) -> int | None:
+    """Number of class folders in ``<root>/train`` (``${vitlab.class_folders:${data.root}}``), or
+    null if it cannot be read: the image-folder datamodule then says what is wrong."""
+    train = Path(str(root)).expanduser() / "train" if root else None
+    if train is None or not train.is_dir():
+        return None
+    return sum(1 for entry in os.scandir(train) if entry.is_dir() and not entry.name.startswith(".")) or None
+
+
 def first_set(*values):
     """The first value that is not null (``${vitlab.first:${name},default}``)."""
     return next((v for v in values if v is not None), None)
@@ -46,7 +55,8 @@ def register_resolvers() -> None:
     from vitlab.sweep import job_dirname
 
     resolvers = (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname), ("vitlab.first", first_set),
-                 ("vitlab.threads_per_job", threads_per_job), ("vitlab.div", exact_div))
+                 ("vitlab.threads_per_job", threads_per_job), ("vitlab.div", exact_div),
+                 ("vitlab.class_folders", class_folders))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
