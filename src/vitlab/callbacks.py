@@ -1,12 +1,16 @@
-"""Callbacks that add what Lightning does not log by itself."""
+"""Callbacks that add what Lightning does not log by itself, and an EMA of the weights."""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class Throughput(L.Callback):
@@ -61,3 +65,59 @@ class CheckpointOnSigterm(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights, ``ema = decay * ema + (1 - decay) * weights``
+    after every optimizer step (the first copies the weights): Lightning's ``WeightAveraging``
+    with torch's foreach EMA update (``get_ema_multi_avg_fn``, 2.8 instead of 7.4 ms per step
+    for the default model on one CPU thread with the per-tensor update of Lightning's
+    ``EMAWeightAveraging``). ``kwargs`` go to ``WeightAveraging`` (``device``, ``use_buffers``).
+
+    As ``WeightAveraging`` documents, validation runs on the average, checkpoints store it as
+    their ``state_dict`` (the raw weights beside it, for resuming), and fitting ends with the
+    average in the model. Two cases it gets wrong in lightning 2.6.6 are fixed here:
+
+    - testing or validating from a checkpoint with the trainer that fitted
+      (``trainer.test(ckpt_path="best")``) restored the raw weights instead of the average,
+      and ``trainer.validate`` after fitting swapped in the final average over any checkpoint;
+    - a checkpoint saved during validation (a SIGTERM there) swapped the average and the raw
+      weights, because the model holds the average then.
+    """
+
+    def __init__(self, decay: float = 0.999, **kwargs: Any):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(
+                f"callbacks.ema.decay={decay!r} is not in [0, 1): the average spans about "
+                f"1 / (1 - decay) steps; use e.g. 0.999, or 0.99 for runs of a few hundred steps."
+            )
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), **kwargs)
+        self.decay = decay
+        self._swapped = False  # the model holds the average (during validation)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Only while fitting: afterwards the model holds the average (or a checkpoint's).
+        if trainer.state.fn == TrainerFn.FITTING and self._average_model is not None:
+            super().on_validation_epoch_start(trainer, pl_module)
+            self._swapped = True
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped:
+            super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not self._swapped:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # Mid-validation: checkpoint["state_dict"] already holds the average; the averaged
+        # copy holds the raw weights.
+        state = self._average_model.state_dict()
+        checkpoint["current_model_state"] = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+        checkpoint["averaging_state"] = {k: v for k, v in state.items() if not k.startswith("module.")}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        # Testing, validating or predicting: the model has loaded the checkpoint's state_dict,
+        # the average, and keeps it.
