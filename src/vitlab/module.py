@@ -41,11 +41,15 @@ class ImageClassifier(L.LightningModule):
         return self.net(images)
 
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
-        images, labels = batch
+        images, targets = batch
         logits = self(images)
         # Label smoothing is a training regulariser; val/test report the plain loss.
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        # Targets are class indices (B,) or, after MixUp/CutMix, class probabilities (B, C);
+        # cross_entropy takes both and smooths probabilities as (1 - s) * p + s / C, the same
+        # as mixing smoothed one-hot targets.
+        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        labels = targets.argmax(dim=1) if targets.ndim == 2 else targets  # the dominant class of a mixed target
         accuracy(logits, labels)
         # Training loss per step (the learning curve), val/test loss per epoch: one key each.
         train = stage == "train"

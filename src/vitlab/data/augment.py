@@ -1,11 +1,41 @@
-"""Batched augmentation on the training device: one tensor operation for the whole batch
-instead of a Python call per image (per-sample transforms in loader workers would compete
-with the model for the same CPU cores)."""
+"""Batched training augmentation on the device, with parameters drawn per image.
+
+torchvision's ``transforms.v2`` draw one set of parameters per call, so on a batch tensor
+every image would get the same crop, the same RandAugment ops, the same erased box. Calling
+them once per image costs a Python round trip per image (measured in
+``scripts/bench_augment.py``), which on a CPU competes with the model for the same cores.
+The classes here draw the parameters of every image at once and then apply torchvision's own
+operations to the whole batch, or to the groups of images that drew the same operation.
+
+An augmentation declares where it runs with ``stage``:
+
+- ``"pixels"``: on the uint8 batch before normalisation (crop, flip, RandAugment); also the
+  stage of any other module (e.g. a torchvision transform) passed in ``data.augment``;
+- ``"normalized"``: on the normalised float batch (random erasing: the value 0 is the mean);
+- ``"labels"``: takes and returns ``(images, targets)`` (MixUp/CutMix: soft targets).
+
+``Augmentations`` runs a named set of them in that order, whatever the order of the names.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2._utils import _get_fill
+from torchvision.transforms.v2.functional._geometry import (
+    _affine_grid,
+    _apply_grid_transform,
+    _check_interpolation,
+    _get_inverse_affine_matrix,
+)
+
+STAGES = ("pixels", "normalized", "labels")
 
 
 class RandomCropFlip(nn.Module):
@@ -15,10 +45,12 @@ class RandomCropFlip(nn.Module):
     Works on uint8 or float batches (B, C, H, W); each image draws its own shift and flip.
     """
 
+    stage = "pixels"
+
     def __init__(self, padding: int = 0, hflip: bool = False):
         super().__init__()
         if padding < 0:
-            raise ValueError(f"data.augment.padding={padding} must be >= 0")
+            raise ValueError(f"data.augment.crop_flip.padding={padding} must be >= 0")
         self.padding = padding
         self.hflip = hflip
 
@@ -26,7 +58,7 @@ class RandomCropFlip(nn.Module):
         b, _, h, w = images.shape
         if self.padding:
             p = self.padding
-            padded = nn.functional.pad(images, (p, p, p, p))
+            padded = F.pad(images, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=images.device)
             dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=images.device)
             rows = dy + torch.arange(h, device=images.device).view(1, h, 1)
@@ -40,3 +72,255 @@ class RandomCropFlip(nn.Module):
 
     def extra_repr(self) -> str:
         return f"padding={self.padding}, hflip={self.hflip}"
+
+
+class RandAugment(nn.Module):
+    """RandAugment (Cubuk et al. 2020): ``n`` operations per image, each chosen uniformly from
+    torchvision's 14, all at magnitude ``m`` (of ``num_magnitude_bins``), signed ops negated
+    with probability 1/2: torchvision ``v2.RandAugment``'s operations, magnitudes and kernels,
+    with the draw made per image.
+
+    In each of the ``n`` rounds, the images that drew a geometric op (shear, translate,
+    rotate) are resampled together by one ``grid_sample`` with each image's own affine matrix
+    (torchvision's matrix and grid for that op); the images that drew the same other
+    (operation, sign) go through torchvision's kernel together. Input: a uint8 batch
+    (B, C, H, W).
+    """
+
+    stage = "pixels"
+    geometric = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+    def __init__(self, n: int = 2, m: int = 9, num_magnitude_bins: int = 31, interpolation: str = "nearest",
+                 fill: float | Sequence[float] | None = None):
+        super().__init__()
+        if n < 0:
+            raise ValueError(f"data.augment.randaugment.n={n} must be >= 0 (operations per image)")
+        if not 0 <= m < num_magnitude_bins:
+            raise ValueError(f"data.augment.randaugment.m={m} must be in [0, {num_magnitude_bins - 1}] "
+                             f"(num_magnitude_bins={num_magnitude_bins})")
+        self.n, self.m = n, m
+        # The torchvision transform supplies the operation table and the kernels; its own
+        # forward (one draw for the whole batch) is not used.
+        self.reference = v2.RandAugment(num_ops=n, magnitude=m, num_magnitude_bins=num_magnitude_bins,
+                                        interpolation=interpolation, fill=fill)
+        self.ops = list(self.reference._AUGMENTATION_SPACE)
+        self.signed = torch.tensor([signed for _, signed in self.reference._AUGMENTATION_SPACE.values()])
+        self.fill = _get_fill(self.reference._fill, torch.Tensor)
+        self.interpolation = _check_interpolation(interpolation).value
+        if self.interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"data.augment.randaugment.interpolation={interpolation!r}: use nearest or bilinear")
+        geometric_ops = [i for i, name in enumerate(self.ops) if name in self.geometric]
+        if geometric_ops != list(range(geometric_ops[0], geometric_ops[0] + len(self.geometric))):
+            raise RuntimeError("torchvision's RandAugment table changed: the geometric ops are no longer adjacent")
+        self.geometric_keys = range(2 * geometric_ops[0], 2 * (geometric_ops[-1] + 1))
+        self._tables: dict = {}  # (H, W, device) -> (magnitudes, affine grids)
+
+    def magnitudes(self, h: int, w: int) -> list[float]:
+        """Signed magnitude of each (op, sign) key = op * 2 + negate, for (H, W) images."""
+        out = []
+        for magnitudes_fn, _ in self.reference._AUGMENTATION_SPACE.values():
+            magnitudes = magnitudes_fn(self.reference.num_magnitude_bins, h, w)
+            value = 0.0 if magnitudes is None else float(magnitudes[self.m])
+            out += [value, -value]
+        return out
+
+    def affine_grids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Sampling grids (2 x ops, H, W, 2) of the geometric ops, indexed by op * 2 + negate,
+        as torchvision's ``affine`` and ``rotate`` kernels build them for a uint8 image."""
+        thetas = []
+        for key, magnitude in enumerate(self.magnitudes(h, w)):
+            name = self.ops[key // 2]
+            if name in ("ShearX", "ShearY"):
+                shear = math.degrees(math.atan(magnitude))
+                matrix = _get_inverse_affine_matrix([-0.5 * w, -0.5 * h], 0.0, [0.0, 0.0], 1.0,
+                                                    [shear, 0.0] if name == "ShearX" else [0.0, shear])
+            elif name in ("TranslateX", "TranslateY"):
+                shift = [float(int(magnitude)), 0.0] if name == "TranslateX" else [0.0, float(int(magnitude))]
+                matrix = _get_inverse_affine_matrix([0.0, 0.0], 0.0, shift, 1.0, [0.0, 0.0])
+            elif name == "Rotate":
+                matrix = _get_inverse_affine_matrix([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
+            else:
+                matrix = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+            thetas.append(torch.tensor(matrix, dtype=torch.float32, device=device).reshape(1, 2, 3))
+        return torch.cat([_affine_grid(t, w=w, h=h, ow=w, oh=h) for t in thetas])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"RandAugment expects a uint8 batch, got {images.dtype}")
+        b, _, h, w = images.shape
+        device = images.device
+        if (h, w, device) not in self._tables:
+            self._tables[(h, w, device)] = (self.magnitudes(h, w), self.affine_grids(h, w, device))
+        magnitudes, grids = self._tables[(h, w, device)]
+        n_keys = 2 * len(self.ops)
+        for _ in range(self.n):
+            # Drawn on the CPU with the global generator (seeded runs repeat), grouped there:
+            # sorted by key, each group is a contiguous slice, and the geometric ops (keys
+            # geometric_keys) are one slice for a single grid_sample.
+            op = torch.randint(len(self.ops), (b,))
+            key = op * 2 + ((torch.rand(b) <= 0.5) & self.signed[op])
+            order = key.argsort(stable=True)
+            sorted_key = key[order].to(device)
+            ends = torch.bincount(key, minlength=n_keys).cumsum(0).tolist()
+            starts = [0] + ends[:-1]
+            order = order.to(device)
+            grouped = images[order]
+            lo, hi = starts[self.geometric_keys[0]], ends[self.geometric_keys[-1]]
+            if hi > lo:
+                grouped[lo:hi] = _apply_grid_transform(grouped[lo:hi], grids[sorted_key[lo:hi]], self.interpolation,
+                                                       self.fill)
+            for k in range(n_keys):
+                if starts[k] == ends[k] or k in self.geometric_keys or self.ops[k // 2] == "Identity":
+                    continue
+                grouped[starts[k]:ends[k]] = self.reference._apply_image_or_video_transform(
+                    grouped[starts[k]:ends[k]], self.ops[k // 2], magnitudes[k],
+                    interpolation=self.reference.interpolation, fill=self.reference._fill)
+            images = torch.empty_like(grouped).index_copy_(0, order, grouped)
+        return images
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, m={self.m}, num_magnitude_bins={self.reference.num_magnitude_bins}"
+
+
+class RandomErasing(nn.Module):
+    """Random erasing (Zhong et al. 2020) with torchvision ``v2.RandomErasing``'s distribution,
+    drawn per image: with probability ``p`` a box of area fraction uniform in ``scale`` and
+    log-uniform aspect ratio in ``ratio`` (up to 10 tries to fit, else no box) is set to
+    ``value`` (``"random"``: standard normal noise per pixel).
+
+    Runs on the normalised batch, as in torchvision's and timm's recipes: value 0 is the
+    dataset's mean colour.
+    """
+
+    stage = "normalized"
+    tries = 10
+
+    def __init__(self, p: float = 0.25, scale: Sequence[float] = (0.02, 0.33), ratio: Sequence[float] = (0.3, 3.3),
+                 value: float | str = 0.0):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"data.augment.random_erasing.p={p} must be a probability in [0, 1]")
+        if not (len(scale) == 2 and 0 <= scale[0] <= scale[1] <= 1):
+            raise ValueError(f"data.augment.random_erasing.scale={list(scale)} must be [min, max] with 0 <= min <= max <= 1")
+        if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"data.augment.random_erasing.ratio={list(ratio)} must be [min, max] with 0 < min <= max")
+        if isinstance(value, str) and value != "random":
+            raise ValueError(f"data.augment.random_erasing.value={value!r} must be a number or 'random'")
+        self.p, self.scale, self.ratio, self.value = float(p), tuple(scale), tuple(ratio), value
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        dev = images.device
+        # `tries` candidate boxes per image; the first that fits is used, as torchvision does.
+        area = h * w * torch.empty(b, self.tries, device=dev).uniform_(*self.scale)
+        log_ratio = torch.log(torch.tensor(self.ratio))
+        aspect = torch.exp(torch.empty(b, self.tries, device=dev).uniform_(float(log_ratio[0]), float(log_ratio[1])))
+        bh = torch.sqrt(area * aspect).round().long()
+        bw = torch.sqrt(area / aspect).round().long()
+        fits = (bh < h) & (bw < w)
+        first = fits.int().argmax(1, keepdim=True)
+        bh, bw = bh.gather(1, first), bw.gather(1, first)  # (b, 1)
+        erase = fits.any(1, keepdim=True) & (torch.rand(b, 1, device=dev) < self.p)
+        top = (torch.rand(b, 1, device=dev) * (h - bh + 1)).long()
+        left = (torch.rand(b, 1, device=dev) * (w - bw + 1)).long()
+        rows = torch.arange(h, device=dev).view(1, h)
+        cols = torch.arange(w, device=dev).view(1, w)
+        in_rows = (rows >= top) & (rows < top + bh) & erase  # (b, h)
+        in_cols = (cols >= left) & (cols < left + bw)  # (b, w)
+        mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (b, 1, h, w)
+        fill = torch.randn_like(images) if self.value == "random" else torch.full_like(images, float(self.value))
+        return torch.where(mask, fill, images)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, scale={self.scale}, ratio={self.ratio}, value={self.value!r}"
+
+
+class MixUpCutMix(nn.Module):
+    """MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) with torchvision ``v2.MixUp`` and
+    ``v2.CutMix``: with probability ``prob`` a batch is mixed, by CutMix with probability
+    ``switch_prob`` (when both alphas are > 0), else by MixUp. An alpha of 0 turns that one off.
+
+    As in the papers and in the DeiT and big_vision recipes, one mixing ratio (and one CutMix
+    box) is drawn per batch; each image is mixed with its neighbour in the shuffled batch.
+    Always returns soft targets (B, num_classes), one-hot for a batch left unmixed, so the
+    loss sees one kind of target.
+    """
+
+    stage = "labels"
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
+                 switch_prob: float = 0.5):
+        super().__init__()
+        for name, value in (("prob", prob), ("switch_prob", switch_prob)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"data.augment.mixup_cutmix.{name}={value} must be a probability in [0, 1]")
+        for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if value < 0:
+                raise ValueError(f"data.augment.mixup_cutmix.{name}={value} must be >= 0 (0 turns it off)")
+        self.num_classes = num_classes
+        self.prob, self.switch_prob = float(prob), float(switch_prob)
+        self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
+        self.cutmix = v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes) if cutmix_alpha > 0 else None
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        choices = [t for t in (self.mixup, self.cutmix) if t is not None]
+        if not choices or len(images) < 2 or float(torch.rand(())) >= self.prob:
+            return images, F.one_hot(labels, self.num_classes).to(images.dtype)
+        if len(choices) == 2:
+            transform = self.cutmix if float(torch.rand(())) < self.switch_prob else self.mixup
+        else:
+            transform = choices[0]
+        images, targets = transform(images, labels)
+        return images, targets.to(images.dtype)
+
+    def extra_repr(self) -> str:
+        alphas = (self.mixup.alpha if self.mixup else 0.0, self.cutmix.alpha if self.cutmix else 0.0)
+        return f"mixup_alpha={alphas[0]}, cutmix_alpha={alphas[1]}, prob={self.prob}, switch_prob={self.switch_prob}"
+
+
+class Augmentations(nn.Module):
+    """The training-batch augmentations of a datamodule, run stage by stage.
+
+    Built from ``data.augment``: a mapping of names to modules (the config's form, so that
+    ``augment=randaugment`` adds to the dataset's crop/flip; null entries are skipped), a
+    list, or one module.
+    """
+
+    def __init__(self, augment: Mapping[str, nn.Module | None] | Sequence[nn.Module] | nn.Module):
+        super().__init__()
+        if isinstance(augment, nn.Module):
+            named = [(type(augment).__name__, augment)]
+        elif isinstance(augment, Mapping):
+            named = [(str(k), v) for k, v in augment.items() if v is not None]
+        else:
+            named = [(f"{i}_{type(a).__name__}", a) for i, a in enumerate(augment) if a is not None]
+        for name, module in named:
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"data.augment.{name} is {module!r}, not an augmentation module: give it a _target_")
+            if stage_of(module) not in STAGES:
+                raise ValueError(f"data.augment.{name} has stage={stage_of(module)!r}; expected one of {STAGES}")
+        # A stable sort: within a stage, the order of the config.
+        named.sort(key=lambda item: STAGES.index(stage_of(item[1])))
+        self.steps = nn.ModuleDict(named)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                normalize: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a uint8 training batch; returns normalised images and the targets."""
+        normalized = False
+        for module in self.steps.values():
+            stage = stage_of(module)
+            if stage != "pixels" and not normalized:
+                images, normalized = normalize(images), True
+            if stage == "labels":
+                images, labels = module(images, labels)
+            else:
+                images = module(images)
+        return (images if normalized else normalize(images)), labels
+
+
+def stage_of(module: nn.Module) -> str:
+    """Where an augmentation runs; modules that do not say (torchvision's) work on pixels."""
+    return getattr(module, "stage", "pixels")

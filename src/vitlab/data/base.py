@@ -1,18 +1,20 @@
 """Small image datasets held in memory as uint8 tensors, batched without per-sample Python.
 
 A DataLoader with automatic batching hands the whole list of indices of a batch to
-``Dataset.__getitems__``, so one tensor gather builds the batch; normalisation (and later
-augmentation) runs batch-wise on the training device in ``on_after_batch_transfer``.
+``Dataset.__getitems__``, so one tensor gather builds the batch; normalisation and training
+augmentation run batch-wise on the training device in ``on_after_batch_transfer``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from vitlab.data.augment import Augmentations
 
 
 class InMemoryImages(Dataset):
@@ -73,7 +75,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         class_names: Sequence[str] | None = None,
-        augment: nn.Module | None = None,
+        augment: Mapping[str, nn.Module | None] | Sequence[nn.Module] | nn.Module | None = None,
     ):
         super().__init__()
         if len(mean) != channels or len(std) != channels:
@@ -86,8 +88,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        # Applied to training batches only, on the device, before normalisation.
-        self.augment = augment
+        # Training batches only, on the device (vitlab.data.augment: crop/flip and RandAugment
+        # on the uint8 pixels, erasing after normalisation, MixUp/CutMix last: soft targets).
+        self.augment = Augmentations(augment) if augment else None
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.train_set: InMemoryImages | None = None
@@ -125,5 +128,5 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         if self.augment is not None and self.trainer is not None and self.trainer.training:
-            images = self.augment(images)
+            return self.augment(images, labels, self.normalize)
         return self.normalize(images), labels
