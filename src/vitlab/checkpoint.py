@@ -127,6 +127,23 @@ def check_compatible(checkpoint: Mapping[str, Any], path: str | Path, model_cfg:
         raise CheckpointError(f"{name}={path} comes from a model with a different configuration: {'; '.join(problems)}. {fix.capitalize()}.")
 
 
+def check_targets(node: Any, where: str, allowed: tuple[str, ...] = ("vitlab.",)) -> None:
+    """A config read from a checkpoint may only name vitlab's own classes: instantiating an
+    arbitrary ``_target_`` from a file would run whatever it names."""
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(allowed):
+            raise UnsafeCheckpointError(
+                f"{where} names _target_={target}, outside {', '.join(allowed)}: refused (building it could run any code). "
+                f"Pass the config explicitly instead."
+            )
+        for key, value in node.items():
+            check_targets(value, f"{where}.{key}" if key != "_target_" else where, allowed)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            check_targets(value, where, allowed)
+
+
 def rng_states() -> dict[str, Any]:
     """States of the torch, CUDA, numpy and Python generators, as tensors and plain values (so
     they load with ``weights_only=True``)."""
@@ -187,3 +204,27 @@ class RunInfo(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" in state_dict:
             set_rng_states(state_dict["rng"])
+
+
+def model_from_checkpoint(path: str | Path, name: str = "ckpt_path") -> tuple[L.LightningModule, dict[str, Any]]:
+    """The LightningModule a checkpoint was trained as, with its weights, and the run's
+    description (``RunInfo``)."""
+    import hydra
+
+    from vitlab.module import ImageClassifier
+
+    checkpoint = load_checkpoint(path, name)
+    info = run_config(checkpoint, path)
+    model_cfg = info.get("model")
+    if not isinstance(model_cfg, Mapping) or "_target_" not in model_cfg:
+        raise CheckpointError(
+            f"{name}={path} does not say which model it holds (no run description inside and no config.yaml "
+            f"in its run folder): keep it in its run folder (<run>/checkpoints/) beside the run's config.yaml."
+        )
+    check_targets(model_cfg, f"{name}={path}: model")
+    net = hydra.utils.instantiate(model_cfg)
+    module = ImageClassifier(net=net, num_classes=int(model_cfg["num_classes"]), optimizer=None)
+    check_compatible(checkpoint, path, model_cfg, module, name)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module, info
+

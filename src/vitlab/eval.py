@@ -1,0 +1,188 @@
+"""Evaluate a checkpoint on a dataset's test split: ``python -m vitlab.eval ckpt_path=... [data=...]``.
+
+The model is the one the checkpoint was trained as (its run description, or the run's
+``config.yaml`` beside ``checkpoints/``); the data is the run's own dataset unless ``data=``
+names another, always normalised with the training statistics. The checkpoint is read once,
+safely (``vitlab.checkpoint``); Lightning's ``trainer.test`` computes ``test/acc`` and
+``test/loss``, and a callback collects the confusion matrix. Written to the eval's own folder
+(``outputs/eval/<date>/<time>/``): ``metrics.json``, ``confusion_matrix.csv`` and ``.png``,
+``per_class_accuracy.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from vitlab.checkpoint import check_targets, model_from_checkpoint
+from vitlab.config import CONFIG_DIR
+from vitlab.rundir import METRICS_FILE, failure_reason, write_json
+
+log = logging.getLogger(__name__)
+
+
+class ConfusionMatrix(L.Callback):
+    """Confusion matrix of the test run (rows: true class, columns: predicted), from the logits
+    the LightningModule computes anyway (a forward hook), so nothing runs twice."""
+
+    def __init__(self, num_classes: int):
+        self.metric = MulticlassConfusionMatrix(num_classes=num_classes)
+        self.matrix: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self._hook = None
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric = self.metric.to(pl_module.device)
+        self.metric.reset()
+        self._hook = pl_module.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self._logits = output
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.metric.update(self._logits.float(), batch[1])
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hook.remove()
+        self.matrix = self.metric.compute().cpu()
+
+
+def data_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """The dataset to evaluate on: ``data=`` if given, else the run's own (with this machine's
+    ``paths.data_dir``); training augmentation off; normalised as in training."""
+    if cfg.get("data") is not None:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+    elif isinstance(info.get("data"), dict):
+        data = dict(info["data"])
+        check_targets(data, f"ckpt_path={cfg.ckpt_path}: data")
+        if "data_dir" in data:
+            data["data_dir"] = cfg.paths.data_dir
+    else:
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} does not say which dataset it was trained on: pass data=<name>.")
+    if "augment" in data:
+        data["augment"] = None
+    if info.get("mean") is not None and "mean" in data:
+        data["mean"], data["std"] = info["mean"], info["std"]
+    return data
+
+
+def check_shapes(datamodule, model_cfg: dict[str, Any]) -> None:
+    want = (model_cfg.get("image_size"), model_cfg.get("channels"), model_cfg.get("num_classes"))
+    have = (datamodule.image_size, datamodule.channels, datamodule.num_classes)
+    if want != have:
+        raise ValueError(
+            f"the checkpoint's model takes {want[1]}-channel {want[0]}x{want[0]} images in {want[2]} classes, but the data "
+            f"gives {have[1]}-channel {have[0]}x{have[0]} images in {have[2]} classes: choose data= (and data.image_size=, "
+            f"data.channels=) to match."
+        )
+
+
+def plot_confusion(matrix: torch.Tensor, classes: list[str], path: Path) -> None:
+    """Row-normalised confusion matrix with counts, saved as PNG (Agg canvas, no pyplot)."""
+    from matplotlib.figure import Figure
+
+    n = len(classes)
+    rates = matrix.float() / matrix.sum(dim=1, keepdim=True).clamp_min(1)
+    side = max(4.0, 0.45 * n + 2)
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"accuracy {matrix.diag().sum().item() / max(1, matrix.sum().item()):.4f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_reports(out: Path, matrix: torch.Tensor, classes: list[str]) -> list[dict[str, Any]]:
+    with open(out / "confusion_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, matrix.tolist()):
+            writer.writerow([name, *row])
+    rows = []
+    for i, name in enumerate(classes):
+        count = int(matrix[i].sum())
+        rows.append({"class": name, "accuracy": round(matrix[i, i].item() / count, 6) if count else None,
+                     "correct": int(matrix[i, i]), "count": count})
+    with open(out / "per_class_accuracy.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["class", "accuracy", "correct", "count"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_confusion(matrix, classes, out / "confusion_matrix.png")
+    return rows
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path is not set: python -m vitlab.eval ckpt_path=<run folder>/checkpoints/last.ckpt")
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg.torch_threads)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed)
+    module, info = model_from_checkpoint(cfg.ckpt_path)
+    data = data_config(cfg, info)
+    datamodule = hydra.utils.instantiate(data)
+    check_shapes(datamodule, info["model"])
+    classes = list(datamodule.class_names)
+    confusion = ConfusionMatrix(datamodule.num_classes)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[confusion], enable_checkpointing=False,
+                                      enable_model_summary=False)
+    results = trainer.test(module, datamodule=datamodule)[0]
+    metrics: dict[str, Any] = {
+        "status": "completed",
+        "ckpt_path": str(Path(cfg.ckpt_path).expanduser().resolve()),
+        "data": data.get("_target_"),
+        "test_split_size": int(confusion.matrix.sum()),
+        **{key: float(value) for key, value in results.items()},
+    }
+    if trainer.is_global_zero:
+        rows = write_reports(out, confusion.matrix, classes)
+        metrics["per_class_accuracy"] = {row["class"]: row["accuracy"] for row in rows}
+        write_json(out / METRICS_FILE, metrics)
+        log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f} on {metrics['test_split_size']} images; "
+                 f"metrics.json, confusion_matrix.csv/.png and per_class_accuracy.csv in {out}")
+    return metrics
+
+
+def run_entry_point(fn, cfg: DictConfig) -> Any:
+    """Run ``fn(cfg)``; a mistake the user can fix ends with one line and exit status 1."""
+    from vitlab.train import USER_ERRORS
+
+    try:
+        return fn(cfg)
+    except Exception as error:
+        root, reason = failure_reason(error)
+        if isinstance(root, USER_ERRORS):
+            print(f"error: {reason}", file=sys.stderr)
+            sys.exit(1)
+        raise
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_entry_point(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()
