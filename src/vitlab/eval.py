@@ -71,7 +71,7 @@ def data_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"ckpt_path={cfg.ckpt_path} does not say which dataset it was trained on: pass data=<name>.")
     if "augment" in data:
         data["augment"] = None
-    if info.get("mean") is not None and "mean" in data:
+    if info.get("mean") is not None and "mean" in data and len(info["mean"]) == data.get("channels"):
         data["mean"], data["std"] = info["mean"], info["std"]
     return data
 

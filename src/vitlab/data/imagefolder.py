@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -206,3 +207,48 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.computed_stats = False
         log.info(f"pixel statistics of {self.root / 'train'}: mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
+
+
+def list_images(path: str | Path, name: str = "input") -> list[Path]:
+    """The image files a user points at: one file, or every image in a folder (recursively)."""
+    path = Path(str(path)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{name}={path} does not exist: pass an image file or a folder of images.")
+    if path.is_file():
+        return [path]
+    files = image_files(path)
+    if not files:
+        raise DataError(f"{name}={path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} in it and its subfolders).")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Unlabelled image files, decoded and resized when read (each is used once)."""
+
+    def __init__(self, files: Sequence[Path], channels: int, image_size: int, resize: str = "crop"):
+        self.files, self.channels, self.image_size, self.resize = list(files), channels, image_size, resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.files[index], self.channels, self.image_size, self.resize)
+
+
+class ImageFilesDataModule(L.LightningDataModule):
+    """Image files of any size and mode for ``trainer.predict``: converted to the model's channels
+    and size, normalised on the device with the training statistics."""
+
+    def __init__(self, files: Sequence[Path], *, image_size: int, channels: int, mean: Sequence[float],
+                 std: Sequence[float], resize: str = "crop", batch_size: int = 64, num_workers: int = 0):
+        super().__init__()
+        self.dataset = ImageFiles(files, channels, image_size, resize)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, images: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        return (images.float().div_(255) - self.mean.to(images.device)) / self.std.to(images.device)

@@ -1,0 +1,73 @@
+"""Classify images with a checkpoint: ``python -m vitlab.predict ckpt_path=... input=<folder or image>``.
+
+Each image (any size or mode; a folder is searched recursively) is converted to the model's
+channels and size and normalised with the training statistics, as recorded in the checkpoint;
+Lightning's ``trainer.predict`` runs the model. Writes ``predictions.csv`` (``file, class,
+confidence``: the predicted class name and its softmax probability) into the predict folder
+(``outputs/predict/<date>/<time>/``), or to ``output=<path>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vitlab.checkpoint import model_from_checkpoint
+from vitlab.config import CONFIG_DIR
+from vitlab.data.imagefolder import ImageFilesDataModule, list_images
+from vitlab.eval import run_entry_point
+
+log = logging.getLogger(__name__)
+
+
+def predict(cfg: DictConfig) -> Path:
+    if not cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path is not set: python -m vitlab.predict ckpt_path=<run folder>/checkpoints/last.ckpt input=<folder or image>")
+    if not cfg.get("input"):
+        raise ValueError("input is not set: python -m vitlab.predict ckpt_path=... input=<folder or image>")
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg.torch_threads)
+    files = list_images(cfg.input)
+    module, info = model_from_checkpoint(cfg.ckpt_path)
+    model = info["model"]
+    channels, size, num_classes = int(model["channels"]), int(model["image_size"]), int(model["num_classes"])
+    classes = list(info.get("classes") or [])
+    if len(classes) != num_classes:
+        log.warning(f"{cfg.ckpt_path} records no class names: classes are written as indices")
+        classes = [str(i) for i in range(num_classes)]
+    data = info.get("data") or {}
+    mean, std = info.get("mean") or data.get("mean"), info.get("std") or data.get("std")
+    if not mean or not std:
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} records no normalisation statistics: keep it beside its run's config.yaml.")
+    datamodule = ImageFilesDataModule(files, image_size=size, channels=channels, mean=mean, std=std,
+                                      resize=data.get("resize", "crop"), batch_size=cfg.batch_size,
+                                      num_workers=cfg.num_workers)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    logits = torch.cat([batch.float() for batch in trainer.predict(module, datamodule=datamodule)])
+    confidence, index = logits.softmax(dim=-1).max(dim=-1)
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "class", "confidence"])
+        for path, k, p in zip(files, index.tolist(), confidence.tolist()):
+            writer.writerow([str(path), classes[k], f"{p:.4f}"])
+    log.info(f"{len(files)} images classified: {output}")
+    return output
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    run_entry_point(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()
