@@ -1,0 +1,115 @@
+"""Mistakes on the command line stop `python -m vitlab.train` before training with a short
+message naming the value, a non-zero exit and no traceback; nothing looks like a finished run.
+
+The entry point runs in this process (``main()`` with ``sys.argv`` set, as the console would
+call it): every case fails before training, so starting a Python with torch and Lightning for
+each would only cost time (``test_train.py`` runs the same path in a subprocess).
+"""
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import SLICE
+from test_checkpoint import Payload, module_for, save_checkpoint
+
+
+@pytest.fixture
+def run_train(tmp_path, data_dir, monkeypatch, capsys):
+    """``python -m vitlab.train <overrides>`` in this process: returncode, stdout, stderr."""
+    from vitlab.train import main
+
+    def run(*overrides):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
+        monkeypatch.delenv("VITLAB_OUTPUT_DIR", raising=False)
+        monkeypatch.setattr(sys, "argv", ["vitlab.train", *overrides, "torch_threads=1"])
+        capsys.readouterr()
+        threads = torch.get_num_threads()
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            GlobalHydra.instance().clear()
+            torch.set_num_threads(threads)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
+def assert_short_failure(result, *fragments):
+    assert result.returncode != 0
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, "a user mistake gets a message, not a traceback"
+
+
+def test_override_of_the_wrong_type(tmp_path, run_train):
+    result = run_train(*SLICE, "model.depth=six")
+    assert_short_failure(result, "error: ValueError: model.depth='six'")
+    (metrics,) = tmp_path.glob("outputs/runs/*/*/metrics.json")
+    assert json.loads(metrics.read_text())["status"] == "failed"
+    assert not (metrics.parent / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("model.dimm=64", ["Could not override 'model.dimm'", "Key 'dimm' is not in struct"]),
+    ("data=fashion", ["Could not find 'data/fashion'", "Available options in 'data'", "fashion_mnist"]),
+])
+def test_misspelled_key_or_option_is_hydras_message(tmp_path, run_train, override, fragments):
+    result = run_train(override)
+    assert_short_failure(result, *fragments)
+    assert not (tmp_path / "outputs").exists(), "no run folder for a config that does not compose"
+
+
+def checkpoint_file(tmp_path, kind):
+    if kind == "missing":
+        return tmp_path / "nowhere" / "last.ckpt"
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "text":
+        path.write_text("this is a text file\n")
+    elif kind == "other-model":
+        module, cfg = module_for(dim=64)
+        save_checkpoint(path, module, {**cfg, "patch_size": 4, "depth": 2})
+    elif kind == "tampered":
+        module, cfg = module_for()
+        save_checkpoint(path, module, cfg, extra=Payload(tmp_path / "payload-ran"))
+    return path
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("missing", "error: FileNotFoundError: ckpt_path={path} does not exist"),
+    ("text", "error: CheckpointError: ckpt_path={path} is not a PyTorch checkpoint"),
+    ("other-model", "error: CheckpointError: ckpt_path={path} comes from a model with a different configuration: "
+                    "model.dim: checkpoint 64, config 32."),
+    ("tampered", "error: UnsafeCheckpointError: ckpt_path={path} was refused: it holds code to run when loaded"),
+])
+def test_bad_ckpt_path_stops_before_training(tmp_path, run_train, kind, fragment):
+    path = checkpoint_file(tmp_path, kind)
+    result = run_train(*SLICE, f"ckpt_path={path}")
+    assert result.returncode == 1
+    assert_short_failure(result, fragment.format(path=path))
+    assert not (tmp_path / "payload-ran").exists()
+    (metrics,) = tmp_path.glob("outputs/runs/*/*/metrics.json")
+    recorded = json.loads(metrics.read_text())
+    assert recorded["status"] == "failed" and "global_step" not in recorded
+    assert not (metrics.parent / "checkpoints").exists()
+
+
+def test_resume_into_a_folder_trained_with_other_settings(tmp_path, run_train):
+    """name=<run> again with another model: the automatic resume names the fields and the fix."""
+    run = tmp_path / "outputs" / "runs" / "mine" / "checkpoints"
+    run.mkdir(parents=True)
+    module, cfg = module_for(dim=64)
+    save_checkpoint(run / "last.ckpt", module, {**cfg, "patch_size": 4, "depth": 2})
+    result = run_train(*SLICE, "name=mine")
+    assert_short_failure(result, "model.dim: checkpoint 64, config 32", "or resume=false to train from scratch")
+    assert torch.load(run / "last.ckpt", weights_only=True)["state_dict"].keys() == module.state_dict().keys()
+
