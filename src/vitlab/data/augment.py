@@ -19,14 +19,17 @@ An augmentation declares where it runs with ``stage``:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-
 import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
+
+# torchvision's own grid and matrix helpers, so that a geometric op gives exactly the pixels of
+# torchvision's kernel (tests/test_augment.py checks it against v2.RandAugment; torchvision is
+# pinned in pyproject.toml).
 from torchvision.transforms.v2._utils import _get_fill
 from torchvision.transforms.v2.functional._geometry import (
     _affine_grid,
@@ -55,20 +58,23 @@ class RandomCropFlip(nn.Module):
         self.hflip = hflip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = images.shape
-        if self.padding:
-            p = self.padding
-            padded = F.pad(images, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=images.device)
-            dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=images.device)
-            rows = dy + torch.arange(h, device=images.device).view(1, h, 1)
-            cols = dx + torch.arange(w, device=images.device).view(1, 1, w)
-            batch = torch.arange(b, device=images.device).view(b, 1, 1)
-            images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+        if not (self.padding or self.hflip):
+            return images
+        b, c, h, w = images.shape
+        dev, p = images.device, self.padding
+        padded = F.pad(images, (p, p, p, p)) if p else images
+        # Two gathers with per-image indices: rows shifted by dy, columns shifted by dx and,
+        # for flipped images, read right to left.
+        cols = torch.arange(w, device=dev).expand(b, w)
         if self.hflip:
-            flip = torch.rand(b, 1, 1, 1, device=images.device) < 0.5
-            images = torch.where(flip, images.flip(-1), images)
-        return images.contiguous()
+            cols = torch.where(torch.rand(b, 1, device=dev) < 0.5, cols.flip(-1), cols)
+        if p:
+            dy = torch.randint(0, 2 * p + 1, (b, 1), device=dev)
+            dx = torch.randint(0, 2 * p + 1, (b, 1), device=dev)
+            rows = (dy + torch.arange(h, device=dev)).view(b, 1, h, 1)
+            padded = padded.gather(2, rows.expand(b, c, h, w + 2 * p))
+            cols = cols + dx
+        return padded.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
 
     def extra_repr(self) -> str:
         return f"padding={self.padding}, hflip={self.hflip}"
