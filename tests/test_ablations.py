@@ -45,7 +45,7 @@ def test_ablation_sweeps_three_seeds_into_a_fixed_folder(name, tmp_path):
     assert [int(s) for s in str(params.pop("seed")).split(",")] == [0, 1, 2]
     assert params, "an ablation sweeps something besides the seed"
     # The shared scale of conf/experiment/ablation/base.yaml.
-    assert cfg["trainer"]["max_epochs"] == 2 and cfg["data"]["_target_"].endswith("FashionMNISTDataModule")
+    assert cfg["trainer"]["max_epochs"] == 1 and cfg["data"]["_target_"].endswith("FashionMNISTDataModule")
 
 
 def test_heads_keep_the_inner_width():
