@@ -11,6 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 import vitlab.config  # noqa: F401  (registers the resolvers)
 from conftest import CONFIG_DIR
+from imagegen import make_image_folder
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 
@@ -41,7 +42,9 @@ def test_every_config_composes(group, option, tmp_path):
 @pytest.mark.parametrize("data", options("data"))
 def test_model_and_datamodule_instantiate(data, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
-    cfg = compose_train(f"data={data}", tmp=tmp_path)
+    # data=imagefolder reads the user's own folder: a generated one here.
+    extra = [f"data.root={make_image_folder(tmp_path / 'photos', per_class=1)}"] if data == "imagefolder" else []
+    cfg = compose_train(f"data={data}", *extra, tmp=tmp_path)
     dm = hydra.utils.instantiate(cfg.data)
     net = hydra.utils.instantiate(cfg.model)
     assert (dm.image_size, dm.channels, dm.num_classes) == (cfg.model.image_size, cfg.model.channels, cfg.model.num_classes)

@@ -1,54 +1,26 @@
 """Mistakes on the command line stop `python -m vitlab.train` before training with a short
 message naming the value, a non-zero exit and no traceback; nothing looks like a finished run.
 
-The entry point runs in this process (``main()`` with ``sys.argv`` set, as the console would
-call it): every case fails before training, so starting a Python with torch and Lightning for
-each would only cost time (``test_train.py`` runs the same path in a subprocess).
+The entry point runs in this process (tests/inprocess.py): every case fails before training
+(``test_train.py`` runs the same path in a subprocess).
 """
 
 import json
-import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
 from conftest import SLICE
+from inprocess import assert_short_failure, run_in_process
 from test_checkpoint import Payload, module_for, save_checkpoint
+from vitlab.train import main as train_main
 
 
 @pytest.fixture
 def run_train(tmp_path, data_dir, monkeypatch, capsys):
     """``python -m vitlab.train <overrides>`` in this process: returncode, stdout, stderr."""
-    from vitlab.train import main
-
-    def run(*overrides):
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
-        monkeypatch.delenv("VITLAB_OUTPUT_DIR", raising=False)
-        monkeypatch.setattr(sys, "argv", ["vitlab.train", *overrides, "torch_threads=1"])
-        capsys.readouterr()
-        threads = torch.get_num_threads()
-        try:
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()
-            torch.set_num_threads(threads)
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-    return run
-
-
-def assert_short_failure(result, *fragments):
-    assert result.returncode != 0
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, "a user mistake gets a message, not a traceback"
+    return lambda *overrides: run_in_process(train_main, "vitlab.train", overrides, cwd=tmp_path, data_dir=data_dir,
+                                             monkeypatch=monkeypatch, capsys=capsys)
 
 
 def test_override_of_the_wrong_type(tmp_path, run_train):

@@ -58,15 +58,18 @@ class ConfusionMatrix(L.Callback):
 
 
 def data_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
-    """The dataset to evaluate on: ``data=`` if given, else the run's own (with this machine's
-    ``paths.data_dir``); training augmentation off; normalised as in training."""
-    if cfg.get("data") is not None:
-        data = OmegaConf.to_container(cfg.data, resolve=True)
+    """The dataset to evaluate on: ``data=<name>`` if given, else the run's own (with this
+    machine's ``paths.data_dir`` and any ``+data.<field>=`` changes); training augmentation
+    off; normalised as in training."""
+    given = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    if "_target_" in given:
+        data = given
     elif isinstance(info.get("data"), dict):
         data = dict(info["data"])
         check_targets(data, f"ckpt_path={cfg.ckpt_path}: data")
         if "data_dir" in data:
             data["data_dir"] = cfg.paths.data_dir
+        data.update(given)
     else:
         raise ValueError(f"ckpt_path={cfg.ckpt_path} does not say which dataset it was trained on: pass data=<name>.")
     if "augment" in data:

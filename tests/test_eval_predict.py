@@ -1,0 +1,117 @@
+"""vitlab.eval and vitlab.predict on checkpoints of real runs: an image-folder run, and a
+2-process DDP run on Fashion-MNIST compared with one process."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import SLICE, run_entry
+from imagegen import make_image_folder, write_image
+from inprocess import assert_short_failure, run_in_process
+# Imported here, not inside a test: Lightning binds its log handler to the stderr of the moment.
+from vitlab.eval import main as eval_main
+from vitlab.predict import main as predict_main
+
+TINY = ("model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "model.mlp_dim=64", "torch_threads=1",
+        "trainer.enable_progress_bar=false")
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, data_dir):
+    """A few steps of training on a generated image folder (3 classes, no test/ split)."""
+    work = tmp_path_factory.mktemp("image_run")
+    root = make_image_folder(work / "photos", per_class=8)
+    run_entry("vitlab.train", "data=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=8",
+              "model.patch_size=4", "trainer.max_epochs=3", "name=photos", *TINY, cwd=work, data_dir=data_dir)
+    return work, root, work / "outputs" / "runs" / "photos" / "checkpoints" / "last.ckpt"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_eval_and_predict_on_an_image_folder(image_run, data_dir):
+    work, root, ckpt = image_run
+    run_entry("vitlab.eval", f"ckpt_path={ckpt}", "name=photos", "torch_threads=1", cwd=work, data_dir=data_dir)
+    out = work / "outputs" / "eval" / "photos"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["test_split_size"] == 24
+    assert "no test/ folder: the test split is val/" in (out / "eval.log").read_text()
+    matrix = read_csv(out / "confusion_matrix.csv")
+    assert matrix[0] == ["true \\ predicted", "cat", "dog", "owl"]
+    assert [row[0] for row in matrix[1:]] == ["cat", "dog", "owl"] and all(sum(map(int, row[1:])) == 8 for row in matrix[1:])
+    correct = sum(int(matrix[1 + i][1 + i]) for i in range(3))
+    assert metrics["test/acc"] == pytest.approx(correct / 24)
+    per_class = {row["class"]: row for row in csv.DictReader(open(out / "per_class_accuracy.csv"))}
+    assert set(per_class) == {"cat", "dog", "owl"} and all(row["count"] == "8" for row in per_class.values())
+    assert float(per_class["dog"]["accuracy"]) == pytest.approx(int(matrix[2][2]) / 8)
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Predict on the same val/ folder: the same images, the same model, the same answers.
+    run_entry("vitlab.predict", f"ckpt_path={ckpt}", f"input={root / 'val'}", "name=photos", "torch_threads=1",
+              cwd=work, data_dir=data_dir)
+    rows = list(csv.DictReader(open(work / "outputs" / "predict" / "photos" / "predictions.csv")))
+    assert list(rows[0]) == ["file", "class", "confidence"] and len(rows) == 24
+    assert all(row["class"] in ("cat", "dog", "owl") and 1 / 3 <= float(row["confidence"]) <= 1 for row in rows)
+    right = sum(row["class"] == row["file"].split("/")[-2] for row in rows)
+    assert right == correct, "predict and eval disagree on the same images"
+
+
+def test_predict_converts_any_image_and_names_bad_input(image_run, data_dir, tmp_path, monkeypatch, capsys):
+    _, _, ckpt = image_run
+    run = lambda *args: run_in_process(predict_main, "vitlab.predict", [f"ckpt_path={ckpt}", *args], cwd=tmp_path,  # noqa: E731
+                                       data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+    # A large grayscale photo for an RGB 16x16 model.
+    photo = write_image(tmp_path / "big photo.png", (230, 60, 60), 300, 200, seed=5, mode="L")
+    assert run(f"input={photo}", "output=single.csv").returncode == 0
+    (row,) = csv.DictReader(open(tmp_path / "single.csv"))
+    assert row["file"] == str(photo) and row["class"] in ("cat", "dog", "owl")
+
+    assert_short_failure(run(f"input={tmp_path / 'nothing'}"), f"error: FileNotFoundError: input={tmp_path / 'nothing'} does not exist")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("no images")
+    assert_short_failure(run(f"input={tmp_path / 'docs'}"), f"error: DataError: input={tmp_path / 'docs'} holds no images")
+    (tmp_path / "docs" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    assert_short_failure(run(f"input={tmp_path / 'docs'}"), f"error: DataError: {tmp_path / 'docs' / 'broken.jpg'} cannot be read as an image")
+    assert_short_failure(run(), "error: ValueError: input is not set")
+
+
+def test_eval_names_a_dataset_that_does_not_fit_the_model(image_run, data_dir, tmp_path, monkeypatch, capsys):
+    _, _, ckpt = image_run
+    result = run_in_process(eval_main, "vitlab.eval", [f"ckpt_path={ckpt}", "data=mnist"], cwd=tmp_path, data_dir=data_dir,
+                            monkeypatch=monkeypatch, capsys=capsys)
+    assert_short_failure(result, "the checkpoint's model takes 3-channel 16x16 images in 3 classes, but the data gives "
+                                 "1-channel 28x28 images in 10 classes")
+    result = run_in_process(eval_main, "vitlab.eval", [], cwd=tmp_path, data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+    assert_short_failure(result, "error: ValueError: ckpt_path is not set")
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_and_evaluates(tmp_path, data_dir):
+    """trainer=ddp with 2 gloo processes, the same global batch (2 x 32) and steps as one process
+    with 64: one run folder, test accuracy within the spread between seeds, and its checkpoint
+    gives vitlab.eval the accuracy the run itself reported."""
+    common = (*SLICE, *TINY, "model.patch_size=7", "scheduler=constant", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=80", "trainer.limit_val_batches=1", "data.eval_batch_size=256",
+              "callbacks.model_checkpoint.monitor=null")
+    # The test split's first 2048 images in both: 8 batches, or 4 per process.
+    run_entry("vitlab.train", *common, "data.batch_size=64", "trainer.limit_test_batches=8", "name=one",
+              cwd=tmp_path, data_dir=data_dir)
+    run_entry("vitlab.train", *common, "trainer=ddp", "data.batch_size=32", "trainer.limit_test_batches=4", "name=ddp",
+              cwd=tmp_path, data_dir=data_dir)
+    runs = tmp_path / "outputs" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["ddp", "one"], "the second process joins the run's folder"
+    one, ddp = (json.loads((runs / name / "metrics.json").read_text()) for name in ("one", "ddp"))
+    assert one["status"] == ddp["status"] == "completed" and one["global_step"] == ddp["global_step"] == 80
+    # Seeds 0, 1, 2 of the one-process run gave 0.565, 0.602, 0.570 (2048 test images).
+    assert abs(ddp["test/acc"] - one["test/acc"]) < 0.06, (ddp["test/acc"], one["test/acc"])
+
+    run_entry("vitlab.eval", f"ckpt_path={runs / 'ddp' / 'checkpoints' / 'last.ckpt'}", "trainer.limit_test_batches=8",
+              "name=ddp", "torch_threads=1", cwd=tmp_path, data_dir=data_dir)
+    out = tmp_path / "outputs" / "eval" / "ddp"
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["test_split_size"] == 2048
+    assert abs(evaluated["test/acc"] - ddp["test/acc"]) <= 2 / 2048
+    names = [row["class"] for row in csv.DictReader(open(out / "per_class_accuracy.csv"))]
+    assert names[:3] == ["T-shirt/top", "Trouser", "Pullover"] and len(names) == 10
