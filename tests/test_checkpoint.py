@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -82,6 +83,8 @@ def bad_files(tmp_path):
     (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
     (tmp_path / "empty.ckpt").write_bytes(b"")
     torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    with zipfile.ZipFile(tmp_path / "archive.ckpt", "w") as archive:
+        archive.writestr("weights.txt", "a zip, but not what torch.save writes")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "last.ckpt").write_bytes(good)
 
@@ -93,6 +96,7 @@ def bad_files(tmp_path):
     ("truncated.ckpt", CheckpointError, "is not a PyTorch checkpoint"),
     ("empty.ckpt", CheckpointError, "is not a PyTorch checkpoint"),
     ("list.ckpt", CheckpointError, "holds no model weights (no state_dict)"),
+    ("archive.ckpt", CheckpointError, "is a damaged checkpoint"),
     ("folder", CheckpointError, "is a folder: pass one of ['last.ckpt']"),
 ])
 def test_not_a_checkpoint(tmp_path, name, error, fragment):

@@ -1,8 +1,9 @@
 """Checkpoints that are safe to open, checked before use, and describe themselves.
 
 - Opening never unpickles code: files are read with ``torch.load(weights_only=True)`` (tensors,
-  containers and plain values only) and Lightning is told the same (``weights_only=True`` in
-  ``fit``/``test``/``predict``), so a tampered file is refused before anything in it runs.
+  containers and plain values only) before Lightning sees them, and Lightning is told the same
+  (``weights_only=True`` in ``fit`` and ``test``), so a tampered file is refused before
+  anything in it runs. Eval and predict load weights through here only.
 - ``ckpt_path`` is checked before training: it exists, it is a checkpoint, and it comes from
   a model with the same configuration as the one being built (mismatching fields are named).
 - ``RunInfo`` adds what eval and predict need to every checkpoint (the model and data
