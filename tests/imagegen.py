@@ -14,7 +14,8 @@ COLOURS = {"cat": (230, 60, 60), "dog": (40, 170, 40), "owl": (20, 20, 110)}  # 
 def write_image(path: Path, rgb: tuple[int, int, int], height: int, width: int, seed: int, mode: str = "RGB") -> Path:
     """A noisy image of one colour: PNG or JPEG by the file ending, RGB or grayscale (``L``)."""
     gen = torch.Generator().manual_seed(seed)
-    image = (torch.tensor(rgb).view(3, 1, 1) + 30 * torch.randn(3, height, width, generator=gen)).clamp(0, 255).to(torch.uint8)
+    noise = 30 * torch.randn(3, height, width, generator=gen)
+    image = (torch.tensor(rgb).view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
     if mode == "L":
         image = image.float().mean(0, keepdim=True).to(torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,8 @@ def test_other_model_configuration_names_the_fields(tmp_path):
     with pytest.raises(CheckpointError) as info:
         check_compatible(checkpoint, path, cfg, module)
     message = str(info.value)
-    assert "comes from a model with a different configuration: model.depth: checkpoint 2, config 1; model.dim: checkpoint 64, config 32." in message
+    assert ("comes from a model with a different configuration: "
+            "model.depth: checkpoint 2, config 1; model.dim: checkpoint 64, config 32.") in message
     assert "attention" not in message
     check_compatible(checkpoint, path, {**cfg, "dim": 64, "depth": 2}, module_for(dim=64, depth=2)[0])
 
@@ -124,7 +125,8 @@ def test_other_model_configuration_names_the_fields(tmp_path):
     with pytest.raises(CheckpointError) as info:
         check_compatible(load_checkpoint(bare), bare, cfg, module)
     assert "net.linear_head.weight: checkpoint (10, 64), model (10, 32)" in str(info.value)
-    assert "missing in the checkpoint" not in str(info.value) and "not in the model: net.transformer.layers.1" in str(info.value)
+    assert "not in the model: net.transformer.layers.1" in str(info.value)
+    assert "missing in the checkpoint" not in str(info.value)
 
 
 def test_rng_states_survive_a_safe_round_trip(tmp_path):
@@ -174,6 +176,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_final_metrics(tmp_path, data_d
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["status"] == "completed" and resumed["global_step"] == whole["global_step"] == 2 * steps
     assert (resumed["test/acc"], resumed["test/loss"]) == (whole["test/acc"], whole["test/loss"])
-    final = {name: torch.load(tmp_path / "outputs" / "runs" / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    runs = tmp_path / "outputs" / "runs"
+    final = {name: torch.load(runs / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
              for name in ("whole", "cut")}
     assert all(torch.equal(final["whole"][k], final["cut"][k]) for k in final["whole"])

@@ -41,7 +41,8 @@ def test_eval_and_predict_on_an_image_folder(image_run, data_dir):
     assert "no test/ folder: the test split is val/" in (out / "eval.log").read_text()
     matrix = read_csv(out / "confusion_matrix.csv")
     assert matrix[0] == ["true \\ predicted", "cat", "dog", "owl"]
-    assert [row[0] for row in matrix[1:]] == ["cat", "dog", "owl"] and all(sum(map(int, row[1:])) == 8 for row in matrix[1:])
+    assert [row[0] for row in matrix[1:]] == ["cat", "dog", "owl"]
+    assert all(sum(map(int, row[1:])) == 8 for row in matrix[1:])
     correct = sum(int(matrix[1 + i][1 + i]) for i in range(3))
     assert metrics["test/acc"] == pytest.approx(correct / 24)
     per_class = {row["class"]: row for row in csv.DictReader(open(out / "per_class_accuracy.csv"))}
@@ -61,31 +62,38 @@ def test_eval_and_predict_on_an_image_folder(image_run, data_dir):
 
 def test_predict_converts_any_image_and_names_bad_input(image_run, data_dir, tmp_path, monkeypatch, capsys):
     _, _, ckpt = image_run
-    run = lambda *args: run_in_process(predict_main, "vitlab.predict", [f"ckpt_path={ckpt}", *args], cwd=tmp_path,  # noqa: E731
-                                       data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+
+    def run(*args):
+        return run_in_process(predict_main, "vitlab.predict", [f"ckpt_path={ckpt}", *args], cwd=tmp_path,
+                              data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+
     # A large grayscale photo for an RGB 16x16 model.
     photo = write_image(tmp_path / "big photo.png", (230, 60, 60), 300, 200, seed=5, mode="L")
     assert run(f"input={photo}", "output=single.csv").returncode == 0
     (row,) = csv.DictReader(open(tmp_path / "single.csv"))
     assert row["file"] == str(photo) and row["class"] in ("cat", "dog", "owl")
 
-    assert_short_failure(run(f"input={tmp_path / 'nothing'}"), f"error: FileNotFoundError: input={tmp_path / 'nothing'} does not exist")
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "notes.txt").write_text("no images")
-    assert_short_failure(run(f"input={tmp_path / 'docs'}"), f"error: DataError: input={tmp_path / 'docs'} holds no images")
-    (tmp_path / "docs" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    assert_short_failure(run(f"input={tmp_path / 'docs'}"), f"error: DataError: {tmp_path / 'docs' / 'broken.jpg'} cannot be read as an image")
+    missing, docs = tmp_path / "nothing", tmp_path / "docs"
+    assert_short_failure(run(f"input={missing}"), f"error: FileNotFoundError: input={missing} does not exist")
+    docs.mkdir()
+    (docs / "notes.txt").write_text("no images")
+    assert_short_failure(run(f"input={docs}"), f"error: DataError: input={docs} holds no images")
+    (docs / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    assert_short_failure(run(f"input={docs}"), f"error: DataError: {docs / 'broken.jpg'} cannot be read as an image")
     assert_short_failure(run(), "error: ValueError: input is not set")
 
 
 def test_eval_names_a_dataset_that_does_not_fit_the_model(image_run, data_dir, tmp_path, monkeypatch, capsys):
     _, _, ckpt = image_run
-    result = run_in_process(eval_main, "vitlab.eval", [f"ckpt_path={ckpt}", "data=mnist"], cwd=tmp_path, data_dir=data_dir,
-                            monkeypatch=monkeypatch, capsys=capsys)
-    assert_short_failure(result, "the checkpoint's model takes 3-channel 16x16 images in 3 classes, but the data gives "
-                                 "1-channel 28x28 images in 10 classes")
-    result = run_in_process(eval_main, "vitlab.eval", [], cwd=tmp_path, data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
-    assert_short_failure(result, "error: ValueError: ckpt_path is not set")
+
+    def run(*args):
+        return run_in_process(eval_main, "vitlab.eval", args, cwd=tmp_path, data_dir=data_dir,
+                              monkeypatch=monkeypatch, capsys=capsys)
+
+    assert_short_failure(run(f"ckpt_path={ckpt}", "data=mnist"),
+                         "the checkpoint's model takes 3-channel 16x16 images in 3 classes, "
+                         "but the data gives 1-channel 28x28 images in 10 classes")
+    assert_short_failure(run(), "error: ValueError: ckpt_path is not set")
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process_and_evaluates(tmp_path, data_dir):

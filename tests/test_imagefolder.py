@@ -101,7 +101,8 @@ def test_empty_class_folder_is_named(folder):
 
 def test_class_folders_must_match_between_splits(folder):
     (folder / "val" / "owl").rename(folder / "val" / "owls")
-    message = expect(DataError, f"the class folders of {folder / 'val'} differ from those of train/", lambda: datamodule(folder))
+    message = expect(DataError, f"the class folders of {folder / 'val'} differ from those of train/",
+                     lambda: datamodule(folder))
     assert "missing ['owl']" in message and "not in train/ ['owls']" in message
 
 

@@ -65,16 +65,21 @@ def load_checkpoint(path: str | Path, name: str = "ckpt_path") -> dict[str, Any]
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         # torch names the forbidden import, e.g. "unsupported GLOBAL posix.system".
-        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "objects other than tensors")
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        detail = lines[0] if lines else "objects other than tensors"
         raise UnsafeCheckpointError(
             f"{name}={path} was refused: it holds code to run when loaded ({detail}), which a checkpoint "
             f"written by vitlab.train never does. Use a checkpoint from a source you trust."
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{name}={path} is a damaged checkpoint ({first}): use another one, e.g. last.ckpt.") from err
+        raise CheckpointError(
+            f"{name}={path} is a damaged checkpoint ({first}): use another one, e.g. last.ckpt."
+        ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise CheckpointError(f"{name}={path} holds no model weights (no state_dict): it is not a Lightning checkpoint.")
+        raise CheckpointError(
+            f"{name}={path} holds no model weights (no state_dict): it is not a Lightning checkpoint."
+        )
     return checkpoint
 
 
@@ -100,7 +105,8 @@ def config_mismatches(saved: Mapping[str, Any] | None, current: Mapping[str, Any
     if not saved:
         return []
     keys = sorted((set(saved) & set(current)) - FREE_FIELDS)
-    return [f"{prefix}.{key}: checkpoint {saved[key]}, config {current[key]}" for key in keys if saved[key] != current[key]]
+    return [f"{prefix}.{key}: checkpoint {saved[key]}, config {current[key]}"
+            for key in keys if saved[key] != current[key]]
 
 
 def state_dict_mismatches(saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> list[str]:
@@ -124,8 +130,12 @@ def check_compatible(checkpoint: Mapping[str, Any], path: str | Path, model_cfg:
     problems = (config_mismatches(run_config(checkpoint, path).get("model"), current)
                 or state_dict_mismatches(checkpoint["state_dict"], module.state_dict()))
     if problems:
-        fix = fix or "set these fields to the checkpoint's values (see config.yaml in its run folder) or use another checkpoint"
-        raise CheckpointError(f"{name}={path} comes from a model with a different configuration: {'; '.join(problems)}. {fix.capitalize()}.")
+        fix = fix or ("set these fields to the checkpoint's values (see config.yaml in its run folder) "
+                      "or use another checkpoint")
+        raise CheckpointError(
+            f"{name}={path} comes from a model with a different configuration: {'; '.join(problems)}. "
+            f"{fix.capitalize()}."
+        )
 
 
 def check_targets(node: Any, where: str, allowed: tuple[str, ...] = ("vitlab.",)) -> None:
@@ -135,7 +145,8 @@ def check_targets(node: Any, where: str, allowed: tuple[str, ...] = ("vitlab.",)
         target = node.get("_target_")
         if target is not None and not str(target).startswith(allowed):
             raise UnsafeCheckpointError(
-                f"{where} names _target_={target}, outside {', '.join(allowed)}: refused (building it could run any code). "
+                f"{where} names _target_={target}, outside {', '.join(allowed)}: refused "
+                f"(building it could run any code). "
                 f"Pass the config explicitly instead."
             )
         for key, value in node.items():

@@ -84,9 +84,9 @@ def check_shapes(datamodule, model_cfg: dict[str, Any]) -> None:
     have = (datamodule.image_size, datamodule.channels, datamodule.num_classes)
     if want != have:
         raise ValueError(
-            f"the checkpoint's model takes {want[1]}-channel {want[0]}x{want[0]} images in {want[2]} classes, but the data "
-            f"gives {have[1]}-channel {have[0]}x{have[0]} images in {have[2]} classes: choose data= (and data.image_size=, "
-            f"data.channels=) to match."
+            f"the checkpoint's model takes {want[1]}-channel {want[0]}x{want[0]} images in {want[2]} classes, "
+            f"but the data gives {have[1]}-channel {have[0]}x{have[0]} images in {have[2]} classes: "
+            f"choose data= (and data.image_size=, data.channels=) to match."
         )
 
 

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 def predict(cfg: DictConfig) -> Path:
     if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path is not set: python -m vitlab.predict ckpt_path=<run folder>/checkpoints/last.ckpt input=<folder or image>")
+        raise ValueError("ckpt_path is not set: python -m vitlab.predict "
+                         "ckpt_path=<run folder>/checkpoints/last.ckpt input=<folder or image>")
     if not cfg.get("input"):
         raise ValueError("input is not set: python -m vitlab.predict ckpt_path=... input=<folder or image>")
     if cfg.get("torch_threads"):
@@ -46,7 +47,8 @@ def predict(cfg: DictConfig) -> Path:
     data = info.get("data") or {}
     mean, std = info.get("mean") or data.get("mean"), info.get("std") or data.get("std")
     if not mean or not std:
-        raise ValueError(f"ckpt_path={cfg.ckpt_path} records no normalisation statistics: keep it beside its run's config.yaml.")
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} records no normalisation statistics: "
+                         f"keep it beside its run's config.yaml.")
     datamodule = ImageFilesDataModule(files, image_size=size, channels=channels, mean=mean, std=std,
                                       resize=data.get("resize", "crop"), batch_size=cfg.batch_size,
                                       num_workers=cfg.num_workers)

@@ -147,7 +147,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         that all splits have the same classes."""
         classes = class_folders(self.root / "train")
         if not classes:
-            raise DataError(f"{self.root / 'train'} has no class folders: put the images of each class in train/<class>/.")
+            raise DataError(
+                f"{self.root / 'train'} has no class folders: put the images of each class in train/<class>/."
+            )
         files: dict[str, list[tuple[Path, int]]] = {}
         for split in ("train", "val", "test"):
             split_dir = self.root / split
@@ -156,10 +158,10 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             found = class_folders(split_dir)
             if found != classes:
                 missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+                parts = ([f"missing {missing}"] if missing else []) + ([f"not in train/ {extra}"] if extra else [])
                 raise DataError(
-                    f"the class folders of {split_dir} differ from those of train/: "
-                    + "; ".join(part for part in (f"missing {missing}" if missing else "", f"not in train/ {extra}" if extra else "") if part)
-                    + ". Every split needs the same class folders."
+                    f"the class folders of {split_dir} differ from those of train/: {'; '.join(parts)}. "
+                    f"Every split needs the same class folders."
                 )
             files[split] = []
             for label, name in enumerate(classes):
@@ -179,8 +181,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         for i, (path, _) in enumerate(entries):
             images[i] = load_image(path, self.channels, self.image_size, self.resize)
         labels = torch.tensor([label for _, label in entries], dtype=torch.long)
-        log.info(f"{self.root / split}: {len(entries)} images decoded to {self.channels}x{self.image_size}x{self.image_size} "
-                 f"in {time.perf_counter() - start:.1f} s")
+        shape = f"{self.channels}x{self.image_size}x{self.image_size}"
+        seconds = time.perf_counter() - start
+        log.info(f"{self.root / split}: {len(entries)} images decoded to {shape} in {seconds:.1f} s")
         return InMemoryImages(images, labels)
 
     @property
@@ -197,7 +200,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         if stage in (None, "test") and self.test_set is None:
             if self.test_split == "val":
                 log.info(f"{self.root} has no test/ folder: the test split is val/.")
-            self.test_set = self.val_set if self.test_split == "val" and self.val_set is not None else self._decode(self.test_split)
+            reuse = self.test_split == "val" and self.val_set is not None
+            self.test_set = self.val_set if reuse else self._decode(self.test_split)
 
     def _set_statistics(self) -> None:
         if self.train_set is None:
@@ -206,7 +210,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.computed_stats = False
-        log.info(f"pixel statistics of {self.root / 'train'}: mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
+        log.info(f"pixel statistics of {self.root / 'train'}: "
+                 f"mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
 
 
 def list_images(path: str | Path, name: str = "input") -> list[Path]:
@@ -218,7 +223,9 @@ def list_images(path: str | Path, name: str = "input") -> list[Path]:
         return [path]
     files = image_files(path)
     if not files:
-        raise DataError(f"{name}={path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} in it and its subfolders).")
+        raise DataError(
+            f"{name}={path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} in it and its subfolders)."
+        )
     return files
 
 
