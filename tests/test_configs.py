@@ -77,3 +77,26 @@ def test_data_dir_from_environment(monkeypatch, tmp_path):
     assert compose_train(tmp=tmp_path).data.data_dir == "/somewhere/else"
     monkeypatch.delenv("VITLAB_DATA_DIR")
     assert compose_train(tmp=tmp_path).data.data_dir == "data"
+
+
+@pytest.mark.parametrize("path", [
+    "outputs/multirun/ablation_pool/3_model.pool=cls,optimizer.lr=0.002,seed=0/checkpoints/last.ckpt",
+    "/data/my photos/run (2)/[best]/it's.ckpt",
+    "C:\\runs\\a=b\\last.ckpt",
+])
+def test_paths_out_of_sweeps_are_passed_through_hydra_unchanged(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from vitlab.config import quote_path_overrides
+
+    argv = quote_path_overrides(["prog", f"ckpt_path={path}", "+data.root=" + path, "seed=1"])
+    parsed = OverridesParser.create().parse_overrides(argv[1:])
+    assert [o.value() for o in parsed] == [path, path, 1]
+
+
+def test_path_quoting_leaves_multiruns_and_plain_values_alone():
+    from vitlab.config import quote_path_overrides
+
+    assert quote_path_overrides(["prog", "-m", "ckpt_path=a.ckpt,b.ckpt"]) == ["prog", "-m", "ckpt_path=a.ckpt,b.ckpt"]
+    assert quote_path_overrides(["prog", "ckpt_path=runs/x/last.ckpt", "model.dim=3,4"]) == [
+        "prog", "ckpt_path=runs/x/last.ckpt", "model.dim=3,4"]

@@ -4,6 +4,7 @@ dict-of-objects groups (callbacks, loggers)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import hydra
@@ -49,6 +50,29 @@ def exact_div(a: int, b: int) -> int:
     if b <= 0 or a % b:
         raise ValueError(f"{a} is not divisible by {b}: choose a divisor of {a}, e.g. {[d for d in range(1, a + 1) if a % d == 0]}.")
     return a // b
+
+
+#: Overrides whose values are file paths. Sweep job folders are named ``<n>_<key>=<value>,...``,
+#: and Hydra's override grammar would read the ``=`` and ``,`` of such a path as syntax.
+PATH_OVERRIDES = ("ckpt_path", "input", "output", "data.root", "data.data_dir", "paths.data_dir")
+_GRAMMAR_CHARS = set("=,[]{}()'\" \\")
+
+
+def quote_path_overrides(argv: list[str]) -> list[str]:
+    """Quote the values of path overrides (``ckpt_path=<sweep job>/checkpoints/last.ckpt``) so
+    that a path which came out of a sweep can be passed as it is. A value already quoted, and
+    any override in a multirun (where a comma may mean a sweep), is left alone."""
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return list(argv)
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in PATH_OVERRIDES and value[:1] not in ("'", '"') and _GRAMMAR_CHARS & set(value):
+            # Hydra reads backslashes literally except before a quote (and the closing one).
+            value = "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value) + "'"
+            arg = f"{key}={value}"
+        out.append(arg)
+    return out
 
 
 def register_resolvers() -> None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from vitlab.checkpoint import check_targets, model_from_checkpoint
-from vitlab.config import CONFIG_DIR
+from vitlab.config import CONFIG_DIR, quote_path_overrides
 from vitlab.rundir import METRICS_FILE, failure_reason, write_json
 
 log = logging.getLogger(__name__)
@@ -188,4 +188,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_path_overrides(sys.argv)
     main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vitlab.checkpoint import model_from_checkpoint
-from vitlab.config import CONFIG_DIR
+from vitlab.config import CONFIG_DIR, quote_path_overrides
 from vitlab.data.imagefolder import ImageFilesDataModule, list_images
 from vitlab.eval import run_entry_point
 
@@ -72,4 +73,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_path_overrides(sys.argv)
     main()

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vitlab.checkpoint import RunInfo, check_compatible, load_checkpoint
-from vitlab.config import CONFIG_DIR, instantiate_dict
+from vitlab.config import CONFIG_DIR, instantiate_dict, quote_path_overrides
 from vitlab.data import DataError
 from vitlab.records import RunRecord
 from vitlab.rundir import LAST_CHECKPOINT, failure_reason, read_metrics
@@ -117,4 +117,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_path_overrides(sys.argv)
     main()
