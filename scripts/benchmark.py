@@ -150,10 +150,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per path and round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every path (default: torch's own, all cores)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["seed", "timm", "bare", "full"])
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides of the vitlab config")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        args.overrides = [f"torch_threads={args.threads}", *args.overrides]
     data_dir = Path(os.environ.get("VITLAB_DATA_DIR", "data"))
     tmp = Path(tempfile.mkdtemp(prefix="vitlab-bench-"))
     device = torch.device(args.device)
@@ -164,8 +169,8 @@ def main() -> None:
     batch_size = cfg.data.batch_size
     m = OmegaConf.to_container(cfg.model, resolve=True)
     shape = (m["channels"], m["image_size"], m["image_size"])
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else torch.get_num_threads()} "
-          f"threads), torch {torch.__version__}, batch {batch_size}, precision {precision}, model {m}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}, load average {os.getloadavg()[0]:.1f}), torch {torch.__version__}, batch {batch_size}, precision {precision}, model {m}")
 
     # Ready batches for the bare loops: normalised tensors already on the device.
     gen = torch.Generator().manual_seed(0)
@@ -198,6 +203,8 @@ def main() -> None:
             path.run(args.warmup, args.steps)
             if device.type == "cuda":
                 path.gpu_mem = max(path.gpu_mem, torch.cuda.max_memory_allocated(device) / 2**30)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a busy machine makes the "
+          "figures noisy: compare ratios)")
     report(paths, loader, device)
     shutil.rmtree(tmp, ignore_errors=True)
 

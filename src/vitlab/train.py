@@ -36,12 +36,29 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_dict(cfg.get("logger")) or False)
 
 
+#: ``torch.compile`` modes (``compile.mode``); null is torch's default.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_network(net: torch.nn.Module, options: DictConfig | None) -> None:
+    """``torch.compile`` the network in place when ``compile.enabled``: ``nn.Module.compile``
+    keeps the module and its state_dict keys, so checkpoints load with or without it. The
+    compilation itself happens at the first training step."""
+    if not options or not options.get("enabled"):
+        return
+    mode = options.get("mode")
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile.mode={mode!r} is not one of {', '.join(COMPILE_MODES)} (or null for the default).")
+    net.compile(mode=mode, dynamic=options.get("dynamic"), fullgraph=bool(options.get("fullgraph")))
+
+
 def build(cfg: DictConfig):
     """Instantiate the datamodule, network, LightningModule and trainer from the config."""
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg.torch_threads)
     datamodule = hydra.utils.instantiate(cfg.data)
     net = hydra.utils.instantiate(cfg.model)
+    compile_network(net, cfg.get("compile"))
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,

@@ -1,0 +1,77 @@
+"""Speed options: ``compile`` (torch.compile of the network in place) and the ``trainer=gpu``
+preset, run on the CPU with a tiny model and a few steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from test_configs import compose_train
+from vitlab.train import build, compile_network
+
+TINY = ("model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "model.mlp_dim=64", "torch_threads=1")
+# A few training steps and nothing else: no validation, no logger, no callbacks.
+STEPS = ("trainer.max_steps=2", "trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+         "logger=none", "callbacks=none", "test=false")
+
+
+def test_compile_is_off_by_default_and_on_in_the_gpu_preset(tmp_path):
+    default = compose_train(tmp=tmp_path)
+    assert default.compile.enabled is False
+    gpu = compose_train("trainer=gpu", tmp=tmp_path)
+    assert gpu.compile.enabled is True
+    assert (gpu.trainer.accelerator, gpu.trainer.precision, gpu.trainer.devices) == ("gpu", "bf16-mixed", 1)
+    assert gpu.data.batch_size > default.data.batch_size and gpu.data.pin_memory is True
+    # Attention is left to model.attention=auto, which picks SDPA on CUDA.
+    assert gpu.model.attention == "auto"
+    # The preset sets the batch whichever dataset is chosen, and the command line still wins.
+    assert compose_train("data=mnist", "trainer=gpu", tmp=tmp_path).data.batch_size == gpu.data.batch_size
+    assert compose_train("trainer=gpu", "data.batch_size=64", "compile.enabled=false", tmp=tmp_path).data.batch_size == 64
+
+
+def test_unknown_compile_mode_is_refused_before_training():
+    with pytest.raises(ValueError, match=r"compile.mode='fastest' is not one of default, reduce-overhead"):
+        compile_network(torch.nn.Linear(2, 2), OmegaConf.create({"enabled": True, "mode": "fastest"}))
+
+
+def fit(cfg):
+    torch.manual_seed(0)
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    return module, trainer
+
+
+def test_gpu_preset_on_cpu_compiles_and_checkpoints_load_either_way(tmp_path, data_dir, monkeypatch):
+    """The gpu preset's options minus the accelerator train a few steps on the CPU with the
+    network compiled; its checkpoint has the plain keys, loads into an uncompiled network with
+    the same outputs, and resumes training without compile."""
+    monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
+    threads = torch.get_num_threads()
+    try:
+        cfg = compose_train("trainer=gpu", "trainer.accelerator=cpu", "data.batch_size=32", *TINY, *STEPS, tmp=tmp_path)
+        module, trainer = fit(cfg)
+        assert module.net._compiled_call_impl is not None, "compile.enabled=true compiles the network"
+        assert trainer.global_step == 2
+        path = tmp_path / "compiled.ckpt"
+        trainer.save_checkpoint(path)
+
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        plain = compose_train("trainer.accelerator=cpu", "compile.enabled=false", *TINY, *STEPS, tmp=tmp_path)
+        _, fresh, _ = build(plain)
+        assert fresh.net._compiled_call_impl is None
+        assert set(state) == set(fresh.state_dict()), "compiling must not rename the checkpoint's keys"
+        fresh.load_state_dict(state)
+        images = torch.randn(4, 1, 28, 28)
+        module.eval(), fresh.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(module.net(images), fresh.net(images), rtol=1e-4, atol=1e-4)
+
+        # Lightning resumes the compiled run's checkpoint without compile.
+        plain.ckpt_path = str(path)
+        plain.trainer.max_steps, plain.trainer.max_epochs = 3, 2
+        datamodule, resumed, trainer = build(plain)
+        trainer.fit(resumed, datamodule=datamodule, ckpt_path=str(path))
+        assert trainer.global_step == 3
+    finally:
+        torch.set_num_threads(threads)
