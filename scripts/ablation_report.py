@@ -205,14 +205,17 @@ def render_pos_emb(groups: list[Group], docs: Path):
                           "1.5-point gap, measured at 90 ImageNet epochs, does not show here)" if s == 0 else
                           "**Opposite of Beyer et al.**: the learned embedding is better here") + f" ({text}).")
     md += sentences
-    sim = pos_emb_similarity(groups, docs)
+    sim, notes = pos_emb_similarity(groups, docs)
     if sim:
         figs.append(sim)
+        md.append("Structure of the embeddings in the figure below (the ViT paper's Fig. 7 shows learned embeddings "
+                  "that end up encoding rows and columns): " + "; ".join(notes) + ".")
     return md, figs
 
 
-def pos_emb_similarity(groups: list[Group], docs: Path) -> str | None:
-    """The similarity figure of the fixed embedding and of the learned one of the first seed."""
+def pos_emb_similarity(groups: list[Group], docs: Path) -> tuple[str | None, list[str]]:
+    """The similarity figure of the fixed embedding and of the learned one of the first seed,
+    and a sentence per embedding on its 2-D structure."""
     embeddings, grid = {}, None
     for g in groups:
         kind = g.setting["model.pos_emb"]
@@ -232,8 +235,20 @@ def pos_emb_similarity(groups: list[Group], docs: Path) -> str | None:
             state = torch.load(ckpt[-1], map_location="cpu", weights_only=True)["state_dict"]
             embeddings[f"learned (seed {job['seed']}, best checkpoint)"] = state["net.pos_embedding"].float().numpy()
     if not embeddings:
-        return None
-    return plot_pos_emb_similarity(embeddings, grid, docs / "pos_emb_similarity.png").name
+        return None, []
+    notes = [f"{label}: {neighbour_contrast(emb, grid)}" for label, emb in embeddings.items()]
+    return plot_pos_emb_similarity(embeddings, grid, docs / "pos_emb_similarity.png").name, notes
+
+
+def neighbour_contrast(emb: np.ndarray, grid: tuple[int, int]) -> str:
+    """How much 2-D structure an embedding has: the mean cosine similarity of patches next to
+    each other against that of patches three or more rows or columns apart."""
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T
+    rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+    distance = np.maximum(abs(rows[:, None] - rows[None]), abs(cols[:, None] - cols[None]))
+    near, far = similarity[distance == 1].mean(), similarity[distance >= 3].mean()
+    return f"mean cosine similarity {near:.2f} between neighbouring patches, {far:.2f} between patches 3 or more apart"
 
 
 def render_pool(groups: list[Group], docs: Path):
