@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -39,17 +43,31 @@ from omegaconf import OmegaConf
 
 from vitlab.config import CONFIG_DIR
 from vitlab.models import SimpleViT, flops_per_image
+from vitlab.train import compile_network
 
+PATHS = ("seed", "timm", "bare", "full")
 #: Dense bf16 peak FLOP/s by GPU name, for model-FLOP utilisation.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def rss_gib() -> float:
-    """Current resident memory of this process (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure_memory(name: str, args) -> float:
+    """Peak RSS of one path alone: this script in a fresh process with only that path, a few
+    steps (one process holds every path, so its own RSS cannot be split among them)."""
+    command = [sys.executable, __file__, "--memory-of", name, "--device", args.device, "--rounds", "1",
+               "--warmup", "2", "--steps", "5", "--overrides", *args.overrides]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("peak RSS GiB ")]
+    if result.returncode or not lines:
+        print(f"memory of {name} not measured:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return float("nan")
+    return float(lines[-1].split()[-1])
 
 
 class Contender:
@@ -58,7 +76,7 @@ class Contender:
     def __init__(self, name, step, images, flops, sync):
         self.name, self.step, self.images, self.flops, self.sync = name, step, images, flops, sync
         self.rates: list[float] = []
-        self.rss = 0.0
+        self.rss = float("nan")
         self.gpu_mem = 0.0
 
     def run(self, warmup: int, steps: int) -> None:
@@ -68,7 +86,6 @@ class Contender:
         start = time.perf_counter()
         for _ in range(steps):
             self.step()
-            self.rss = max(self.rss, rss_gib())
         self.sync()
         self.rates.append(self.images * steps / (time.perf_counter() - start))
 
@@ -85,10 +102,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def bare_loop(model, batches, device, precision, lr=1e-3):
-    """A minimal training step over an endless cycle of batches."""
+def bare_loop(model, batches, device, precision, optimizer):
+    """A minimal training step over an endless cycle of batches; ``optimizer`` builds the
+    optimiser from the parameters."""
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = optimizer(model.parameters())
     it = iter(batches)
 
     def step():
@@ -121,8 +139,9 @@ def seed_path(cfg, data_dir: Path, tmp: Path, device, batch_size: int) -> tuple:
     m = cfg.model
     model = ReferenceViT(image_size=m.image_size, patch_size=m.patch_size, num_classes=m.num_classes, dim=m.dim,
                          depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, channels=m.channels, dim_head=m.dim_head)
-    # fp32, torch.optim.AdamW at 3e-4, batches moved to the device one by one.
-    return bare_loop(model, loader, device, "32-true", lr=3e-4), model
+    # fp32, torch.optim.AdamW at 3e-4 (torch's default implementation), batches moved to the
+    # device one by one.
+    return bare_loop(model, loader, device, "32-true", lambda params: torch.optim.AdamW(params, lr=3e-4)), model
 
 
 def timm_model(cfg):
@@ -152,9 +171,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every path (default: torch's own, all cores)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["seed", "timm", "bare", "full"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=PATHS)
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides of the vitlab config")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement (a process per path)")
+    parser.add_argument("--memory-of", choices=PATHS, help=argparse.SUPPRESS)  # one path alone, for its peak RSS
     args = parser.parse_args()
+    if args.memory_of:
+        args.skip = [p for p in PATHS if p != args.memory_of]
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,16 +208,28 @@ def main() -> None:
     if "seed" not in args.skip:
         step, model = seed_path(cfg, data_dir, tmp, device, batch_size)
         paths.append(Contender("seed", step, batch_size, flops(model), sync))
+    # timm and bare train with vitlab's optimiser settings (conf/optimizer, e.g. fused AdamW).
+    optimizer = hydra.utils.instantiate(cfg.optimizer)
     if "timm" not in args.skip:
         model = timm_model(cfg)
-        paths.append(Contender("timm", bare_loop(model, ready, device, precision), batch_size, flops(model), sync))
+        paths.append(Contender("timm", bare_loop(model, ready, device, precision, optimizer), batch_size, flops(model), sync))
     if "bare" not in args.skip:
         torch.manual_seed(0)
         model = SimpleViT(**{k: v for k, v in m.items() if k != "_target_"})
-        paths.append(Contender("bare", bare_loop(model, ready, device, precision), batch_size, flops(model), sync))
+        count = flops(model)
+        compile_network(model, cfg.get("compile"))
+        paths.append(Contender("bare", bare_loop(model, ready, device, precision, optimizer), batch_size, count, sync))
     if "full" not in args.skip:
         paths.append(full_path(cfg, args, batch_size, sync))
+    if args.memory_of:
+        paths[0].run(args.warmup, args.steps)
+        print(f"peak RSS GiB {peak_rss_gib():.3f}")
+        return
     loader = loader_path(cfg, device, batch_size, sync)
+    if not args.no_memory:
+        print("peak memory: each path alone in a fresh process ...")
+        for path in paths:
+            path.rss = measure_memory(path.name, args)
 
     for _ in range(args.rounds):
         for path in [*paths, loader]:
@@ -212,8 +247,6 @@ def main() -> None:
 def loader_path(cfg, device, batch_size, sync) -> Contender:
     """The data pipeline alone: the datamodule's training loader, the copy to the device and
     its batch-wise augmentation and normalisation, as Lightning runs them."""
-    import hydra
-
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     datamodule.trainer = type("Training", (), {"training": True})()  # augment as in training
@@ -249,7 +282,6 @@ def full_path(cfg, args, batch_size, sync) -> Contender:
         clock.times.clear()
         trainer.fit(module, datamodule=datamodule)
         timed = clock.times[warmup - 1:]
-        path.rss = max(path.rss, rss_gib())
         path.rates.append(batch_size * (len(timed) - 1) / (timed[-1] - timed[0]))
 
     path.run = run
@@ -277,6 +309,8 @@ def report(paths: list[Contender], loader: Contender, device) -> None:
         mfu = f"{achieved / peak:6.1%}" if achieved and peak else "   n/a"
         print(f"{p.name:<6} {rate:10.1f} {min(p.rates):8.1f}-{max(p.rates):<8.1f} {(p.flops or 0) / 1e9:10.4f} "
               f"{(achieved or 0) / 1e12:8.3f} {mfu} {p.rss:8.2f} {p.gpu_mem:8.2f}")
+    print("RSS: peak resident memory of the path alone in a fresh process (the seed's 2 loader workers are "
+          "further processes); GPU: max allocated")
     loader_rate = statistics.median(loader.rates)
     model_rate = rows.get("full") or rows.get("bare")
     print(f"\nloader alone: {loader_rate:.0f} images/s" + (f" = {loader_rate / model_rate:.0f}x the model's" if model_rate else ""))
