@@ -3,6 +3,8 @@
 #
 #   scripts/ablate.sh <name> [extra Hydra overrides]     # name: patch_size pos_emb pool depth_width heads
 #   scripts/ablate.sh all                                # every ablation, one after another
+#   scripts/ablate.sh pos_emb data=cifar10 trainer=gpu   # on CIFAR-10: outputs/multirun/ablation_pos_emb_cifar10/
+#   scripts/ablate.sh patch_size_32 data=cifar10 ...     # patch 2/4/8/16 for 32 px images
 #
 # The sweep goes to outputs/multirun/ablation_<name>/ (a fixed folder: re-running skips the
 # completed jobs and resumes the others), two jobs at a time with one thread each (the joblib
@@ -27,9 +29,15 @@ else
   echo "error: unknown ablation '$name': choose one of ${ABLATIONS[*]} or all (configs in conf/experiment/ablation/)." >&2
   exit 2
 fi
+# Another dataset (data=cifar10) gets its own folders, so that its jobs are never taken for
+# the completed jobs of the Fashion-MNIST sweep of the same name.
+suffix=""
+for arg in "$@"; do
+  if [[ $arg == data=* && $arg != data=fashion_mnist ]]; then suffix="_${arg#data=}"; fi
+done
 status=0
 for n in "${names[@]}"; do
-  python -m vitlab.train -m "experiment=ablation/$n" launcher=joblib "$@" || status=$?
+  python -m vitlab.train -m "experiment=ablation/$n" launcher=joblib "$@" ${suffix:+"sweep=ablation_$n$suffix"} || status=$?
 done
 python scripts/ablation_report.py
 exit $status
