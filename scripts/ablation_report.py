@@ -319,8 +319,12 @@ def render_heads(groups: list[Group], docs: Path):
             md.append("**Not reproduced**: a single head is the best setting here.")
         else:
             s, text = verdict(best.stat("test_acc"), one.stat("test_acc"), f"{best.setting['model.heads']} heads", "1 head")
+            most = done[-1]
+            tail = (f" The most heads tried ({most.setting['model.heads']}) is the best, so the loss from too many "
+                    "heads does not appear in this range." if best is most else
+                    f" Beyond {best.setting['model.heads']} heads accuracy falls again, as in the paper.")
             md.append(("**Reproduced**: one head is worse than the best" if s == 1 else
-                       "**Not clearly reproduced**: one head is within noise of the best") + f" ({text}).")
+                       "**Not clearly reproduced**: one head is within noise of the best") + f" ({text})." + tail)
     return md, figs
 
 
