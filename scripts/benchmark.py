@@ -1,24 +1,26 @@
 """Training throughput of one model configuration along four paths, in one process.
 
     python scripts/benchmark.py                      # Fashion-MNIST default, whatever device is there
-    python scripts/benchmark.py --rounds 7 --steps 40
-    python scripts/benchmark.py --device cuda --overrides model.patch_size=16 data=synthetic data.image_size=224
+    python scripts/benchmark.py --threads 1          # the same torch threads for every path
+    python scripts/benchmark.py --overrides compile.enabled=true
+    python scripts/benchmark.py --device cuda --skip seed --overrides trainer=gpu data=synthetic data.image_size=224 model=vit_s
 
 1. seed:    the reference: the seed blog's loop, lucidrains' ``vit_pytorch.SimpleViT`` (explicit
-            attention, fp32) fed by torchvision's FashionMNIST dataset with per-sample
-            ``ToTensor``/``Normalize`` in a DataLoader.
+            attention, fp32, torch's default AdamW) fed by torchvision's FashionMNIST dataset with
+            per-sample ``ToTensor``/``Normalize`` in a DataLoader.
 2. timm:    timm's ``VisionTransformer`` of the same size (mean pooling, no class token, no qkv
-            bias), bare loop, vitlab's precision.
-3. bare:    vitlab's SimpleViT, bare loop, vitlab's fast settings (precision and attention as
-            the config resolves them for the device).
+            bias), bare loop, vitlab's precision and optimiser.
+3. bare:    vitlab's SimpleViT, bare loop, vitlab's fast settings (precision, attention,
+            optimiser and ``compile`` as the config resolves them for the device).
 4. full:    vitlab's whole path: ``Trainer.fit`` with the real datamodule, the default
             callbacks (checkpoints, throughput) and TensorBoard logging.
 
 Each path takes ``--warmup`` steps, then ``--steps`` timed steps; paths take turns within each
 of ``--rounds`` rounds (so drifts of a shared machine hit all alike) and the median images/s
 is reported, with forward FLOPs per image (torch's flop counter), achieved training FLOP/s
-(3x forward), model-FLOP utilisation on GPUs with a known peak, and peak memory. The last line
-reads ``full/seed = <ratio>x``.
+(3x forward), model-FLOP utilisation on GPUs with a known peak, and peak memory: GPU max
+allocated, and the peak RSS of each path run alone in a fresh process (``--no-memory`` skips
+that). The last line reads ``full/seed = <ratio>x``.
 """
 
 from __future__ import annotations
