@@ -174,6 +174,10 @@ def render_patch_size(groups: list[Group], docs: Path):
         better = [s for s, _ in pairs]
         if all(s == 1 for s in better):
             outcome = "**Reproduced**: each smaller patch is better than the next larger one, beyond noise"
+        elif all(s == -1 for s in better):
+            outcome = ("**Opposite of the paper**: each larger patch is better than the next smaller one, beyond noise. "
+                       "A likely reason (not tested here): the paper compares models trained to convergence, and at a "
+                       "budget of one epoch fewer, larger tokens learn faster while the extra compute of small patches has not paid yet")
         elif all(s >= 0 for s in better) and any(s == 1 for s in better):
             outcome = "**Reproduced in direction**: accuracy never drops with a smaller patch, though not every step is beyond noise"
         else:
