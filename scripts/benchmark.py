@@ -61,7 +61,7 @@ def measure_memory(name: str, args) -> float:
     """Peak RSS of one path alone: this script in a fresh process with only that path, a few
     steps (one process holds every path, so its own RSS cannot be split among them)."""
     command = [sys.executable, __file__, "--memory-of", name, "--device", args.device, "--rounds", "1",
-               "--warmup", "2", "--steps", "5", "--overrides", *args.overrides]
+               "--warmup", "1", "--steps", "3", "--overrides", *args.overrides]
     if args.threads:
         command += ["--threads", str(args.threads)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -168,8 +168,8 @@ class StepClock(L.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per path and round")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per path and round")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every path (default: torch's own, all cores)")
@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement (a process per path)")
     parser.add_argument("--memory-of", choices=PATHS, help=argparse.SUPPRESS)  # one path alone, for its peak RSS
     args = parser.parse_args()
+    started = time.perf_counter()
     if args.memory_of:
         args.skip = [p for p in PATHS if p != args.memory_of]
 
@@ -229,9 +230,9 @@ def main() -> None:
         return
     loader = loader_path(cfg, device, batch_size, sync)
     if not args.no_memory:
-        print("peak memory: each path alone in a fresh process ...")
         for path in paths:
             path.rss = measure_memory(path.name, args)
+        print(f"peak memory of each path alone in a fresh process: {time.perf_counter() - started:.0f} s in all so far")
 
     for _ in range(args.rounds):
         for path in [*paths, loader]:
@@ -240,8 +241,8 @@ def main() -> None:
             path.run(args.warmup, args.steps)
             if device.type == "cuda":
                 path.gpu_mem = max(path.gpu_mem, torch.cuda.max_memory_allocated(device) / 2**30)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a busy machine makes the "
-          "figures noisy: compare ratios)")
+    print(f"\n{time.perf_counter() - started:.0f} s in all; load average at the end: {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores (a busy machine makes the figures noisy: compare ratios)")
     report(paths, loader, device)
     shutil.rmtree(tmp, ignore_errors=True)
 
