@@ -123,3 +123,45 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_evaluates(tmp_path, da
     assert abs(evaluated["test/acc"] - ddp["test/acc"]) <= 2 / 2048
     names = [row["class"] for row in csv.DictReader(open(out / "per_class_accuracy.csv"))]
     assert names[:3] == ["T-shirt/top", "Trouser", "Pullover"] and len(names) == 10
+
+
+def test_test_hflip_averages_the_probabilities_of_each_image_and_its_mirror():
+    import torch
+
+    from vitlab.models import SimpleViT
+    from vitlab.module import ImageClassifier
+
+    torch.manual_seed(0)
+    net = SimpleViT(image_size=8, patch_size=4, num_classes=3, dim=16, depth=1, heads=2, dim_head=8, mlp_dim=16,
+                    channels=1).eval()
+    module = ImageClassifier(net=net, num_classes=3, optimizer=None)
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(module.test_logits(images), net(images)), "off by default"
+        module.test_hflip = True
+        expected = ((net(images).softmax(-1) + net(images.flip(-1)).softmax(-1)) / 2).log()
+        torch.testing.assert_close(module.test_logits(images), expected)
+        mirrored = torch.cat([images[..., :4], images[..., :4].flip(-1)], dim=-1)  # each its own mirror
+        torch.testing.assert_close(module.test_logits(mirrored), net(mirrored).log_softmax(-1))
+
+
+def test_eval_tests_with_the_flip_on_request_and_as_the_run_was_trained(image_run, data_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    import torch
+
+    from vitlab.checkpoint import model_from_checkpoint
+
+    work, _, ckpt = image_run
+    for flag, expected in (("null", False), ("true", True)):
+        result = run_in_process(eval_main, "vitlab.eval", [f"ckpt_path={ckpt}", f"name=flip_{flag}", f"test_hflip={flag}"],
+                                cwd=work, data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics = json.loads((work / "outputs" / "eval" / f"flip_{flag}" / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["test_hflip"] is expected
+
+    # A run trained with module.test_hflip=true keeps it in the checkpoint's hyperparameters.
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["test_hflip"] = True
+    torch.save(checkpoint, tmp_path / "flip.ckpt")
+    assert model_from_checkpoint(tmp_path / "flip.ckpt")[0].test_hflip is True
+    assert model_from_checkpoint(ckpt)[0].test_hflip is False

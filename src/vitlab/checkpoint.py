@@ -235,7 +235,9 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path") -> tuple[L.
         )
     check_targets(model_cfg, f"{name}={path}: model")
     net = hydra.utils.instantiate(model_cfg)
-    module = ImageClassifier(net=net, num_classes=int(model_cfg["num_classes"]), optimizer=None)
+    # How the run tested (module.test_hflip) travels in Lightning's saved hyperparameters.
+    test_hflip = bool((checkpoint.get("hyper_parameters") or {}).get("test_hflip", False))
+    module = ImageClassifier(net=net, num_classes=int(model_cfg["num_classes"]), optimizer=None, test_hflip=test_hflip)
     check_compatible(checkpoint, path, model_cfg, module, name)
     module.load_state_dict(checkpoint["state_dict"])
     return module, info

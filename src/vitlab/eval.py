@@ -144,6 +144,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed)
     module, info = model_from_checkpoint(cfg.ckpt_path)
+    if cfg.get("test_hflip") is not None:
+        module.test_hflip = bool(cfg.test_hflip)
     data = data_config(cfg, info)
     datamodule = hydra.utils.instantiate(data)
     check_shapes(datamodule, info["model"])
@@ -156,6 +158,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "status": "completed",
         "ckpt_path": str(Path(cfg.ckpt_path).expanduser().resolve()),
         "data": data.get("_target_"),
+        "test_hflip": bool(getattr(module, "test_hflip", False)),
         "test_split_size": int(confusion.matrix.sum()),
         **{key: float(value) for key, value in results.items()},
     }

@@ -24,6 +24,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         label_smoothing: float = 0.0,
+        test_hflip: bool = False,
     ):
         super().__init__()
         # The network's own config is saved by the run (config.yaml); keep the checkpoint's
@@ -33,6 +34,7 @@ class ImageClassifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
+        self.test_hflip = test_hflip
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -40,9 +42,18 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
+    def test_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for testing; with ``test_hflip``, test-time augmentation: the log of the mean
+        class probabilities of each image and its mirror (cross_entropy and the accuracy take
+        log-probabilities as logits)."""
+        if not self.test_hflip:
+            return self(images)
+        probs = self(images).float().softmax(-1) + self(images.flip(-1)).float().softmax(-1)
+        return (probs / 2).log()
+
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
+        logits = self.test_logits(images) if stage == "test" else self(images)
         # Label smoothing is a training regulariser; val/test report the plain loss.
         smoothing = self.label_smoothing if stage == "train" else 0.0
         # Targets are class indices (B,) or, after MixUp/CutMix, class probabilities (B, C);
