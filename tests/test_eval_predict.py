@@ -5,12 +5,16 @@ import csv
 import json
 
 import pytest
+import torch
 
 from conftest import SLICE, run_entry
 from imagegen import make_image_folder, write_image
 from inprocess import assert_short_failure, run_in_process
 # Imported here, not inside a test: Lightning binds its log handler to the stderr of the moment.
+from vitlab.checkpoint import model_from_checkpoint
 from vitlab.eval import main as eval_main
+from vitlab.models import SimpleViT
+from vitlab.module import ImageClassifier
 from vitlab.predict import main as predict_main
 
 TINY = ("model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "model.mlp_dim=64", "torch_threads=1",
@@ -126,11 +130,6 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_evaluates(tmp_path, da
 
 
 def test_test_hflip_averages_the_probabilities_of_each_image_and_its_mirror():
-    import torch
-
-    from vitlab.models import SimpleViT
-    from vitlab.module import ImageClassifier
-
     torch.manual_seed(0)
     net = SimpleViT(image_size=8, patch_size=4, num_classes=3, dim=16, depth=1, heads=2, dim_head=8, mlp_dim=16,
                     channels=1).eval()
@@ -147,10 +146,6 @@ def test_test_hflip_averages_the_probabilities_of_each_image_and_its_mirror():
 
 def test_eval_tests_with_the_flip_on_request_and_as_the_run_was_trained(image_run, data_dir, tmp_path, monkeypatch,
                                                                         capsys):
-    import torch
-
-    from vitlab.checkpoint import model_from_checkpoint
-
     work, _, ckpt = image_run
     for flag, expected in (("null", False), ("true", True)):
         result = run_in_process(eval_main, "vitlab.eval", [f"ckpt_path={ckpt}", f"name=flip_{flag}", f"test_hflip={flag}"],

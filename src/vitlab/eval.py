@@ -158,7 +158,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "status": "completed",
         "ckpt_path": str(Path(cfg.ckpt_path).expanduser().resolve()),
         "data": data.get("_target_"),
-        "test_hflip": bool(getattr(module, "test_hflip", False)),
+        "test_hflip": module.test_hflip,
         "test_split_size": int(confusion.matrix.sum()),
         **{key: float(value) for key, value in results.items()},
     }
