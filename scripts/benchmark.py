@@ -16,11 +16,12 @@
             callbacks (checkpoints, throughput) and TensorBoard logging.
 
 Each path takes ``--warmup`` steps, then ``--steps`` timed steps; paths take turns within each
-of ``--rounds`` rounds (so drifts of a shared machine hit all alike) and the median images/s
-is reported, with forward FLOPs per image (torch's flop counter), achieved training FLOP/s
-(3x forward), model-FLOP utilisation on GPUs with a known peak, and peak memory: GPU max
-allocated, and the peak RSS of each path run alone in a fresh process (``--no-memory`` skips
-that). The last line reads ``full/seed = <ratio>x``.
+of ``--rounds`` rounds (so drifts of a shared machine hit all alike). Reported: the median
+images/s of each path; ratios as the median over rounds of the ratio within each round; forward
+FLOPs per image (torch's flop counter), achieved training FLOP/s (3x forward), model-FLOP
+utilisation on GPUs with a known peak, and peak memory: GPU max allocated, and the peak RSS of
+each path run alone in a fresh process (``--no-memory`` skips that). The last line reads
+``full/seed = <ratio>x``.
 """
 
 from __future__ import annotations
@@ -317,9 +318,21 @@ def report(paths: list[Contender], loader: Contender, device) -> None:
     loader_rate = statistics.median(loader.rates)
     model_rate = rows.get("full") or rows.get("bare")
     print(f"\nloader alone: {loader_rate:.0f} images/s" + (f" = {loader_rate / model_rate:.0f}x the model's" if model_rate else ""))
-    ratio = lambda a, b: f"{rows[a] / rows[b]:.2f}x" if a in rows and b in rows else "n/a"  # noqa: E731
-    print(f"\nfull/bare = {ratio('full', 'bare')} (Lightning + data overhead), bare/timm = {ratio('bare', 'timm')}")
-    print(f"full/seed = {ratio('full', 'seed')}")
+    rates = {p.name: p.rates for p in paths}
+
+    def ratio(a: str, b: str, spread: bool = True) -> str:
+        """Median over rounds of the ratio within each round (paths of a round ran back to
+        back, so a shared machine's drift cancels), with its range over the rounds."""
+        if a not in rates or b not in rates:
+            return "n/a"
+        within = [x / y for x, y in zip(rates[a], rates[b])]
+        text = f"{statistics.median(within):.2f}x"
+        return f"{text} (rounds {min(within):.2f}-{max(within):.2f})" if spread and len(within) > 1 else text
+
+    print("\nratios: median over rounds of the ratio within each round")
+    print(f"full/bare = {ratio('full', 'bare')} (Lightning + data overhead), bare/timm = {ratio('bare', 'timm')}, "
+          f"bare/seed = {ratio('bare', 'seed')}")
+    print(f"full/seed = {ratio('full', 'seed', spread=False)}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,20 @@ preset, run on the CPU with a tiny model and a few steps."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import REPO
 from test_configs import compose_train
 from vitlab.train import build, compile_network
+
+PATHS = ("seed", "timm", "bare", "full")
 
 TINY = ("model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "model.mlp_dim=64", "torch_threads=1")
 # A few training steps and nothing else: no validation, no logger, no callbacks.
@@ -75,3 +83,22 @@ def test_gpu_preset_on_cpu_compiles_and_checkpoints_load_either_way(tmp_path, da
         assert trainer.global_step == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_dir):
+    """scripts/benchmark.py, shrunk to one step per path: every path is timed, the table lists
+    each, and the last line is the machine-readable ``full/seed = <ratio>x``."""
+    script = REPO / "scripts" / "benchmark.py"
+    command = [sys.executable, str(script), "--rounds", "2", "--warmup", "1", "--steps", "1", "--threads", "1",
+               "--no-memory", "--overrides", *TINY[:-1], "data.batch_size=32"]
+    env = {**os.environ, "VITLAB_DATA_DIR": str(data_dir)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"full/seed = \d+\.\d\dx", lines[-1]), lines[-1]
+    table = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in PATHS}
+    assert set(table) == set(PATHS)
+    assert all(float(row[1]) > 0 for row in table.values()), table
+    # The same model on every path: the FLOP counts of seed, bare and full agree.
+    assert table["seed"][3] == table["bare"][3] == table["full"][3]
+    assert re.search(r"full/bare = \d+\.\d\dx \(rounds \d+\.\d\d-\d+\.\d\d\)", result.stdout)
