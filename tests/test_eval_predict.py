@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import SLICE, run_entry
 from imagegen import make_image_folder, write_image
@@ -142,6 +143,8 @@ def test_test_hflip_averages_the_probabilities_of_each_image_and_its_mirror():
         torch.testing.assert_close(module.test_logits(images), expected)
         mirrored = torch.cat([images[..., :4], images[..., :4].flip(-1)], dim=-1)  # each its own mirror
         torch.testing.assert_close(module.test_logits(mirrored), net(mirrored).log_softmax(-1))
+        # vitlab.predict goes through predict_step: the same logits as the test.
+        torch.testing.assert_close(module.predict_step(images, 0), expected)
 
 
 def test_eval_tests_with_the_flip_on_request_and_as_the_run_was_trained(image_run, data_dir, tmp_path, monkeypatch,
@@ -160,3 +163,22 @@ def test_eval_tests_with_the_flip_on_request_and_as_the_run_was_trained(image_ru
     torch.save(checkpoint, tmp_path / "flip.ckpt")
     assert model_from_checkpoint(tmp_path / "flip.ckpt")[0].test_hflip is True
     assert model_from_checkpoint(ckpt)[0].test_hflip is False
+
+
+def test_predict_with_the_flip_gives_an_image_and_its_mirror_the_same_answer(image_run, data_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    _, _, ckpt = image_run
+    photo = write_image(tmp_path / "photos" / "a.png", (200, 40, 90), 40, 30, seed=3)
+    Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "photos" / "b.png")
+
+    def predictions(flag):
+        result = run_in_process(predict_main, "vitlab.predict", [f"ckpt_path={ckpt}", f"input={tmp_path / 'photos'}",
+                                                                 f"output=flip_{flag}.csv", f"test_hflip={flag}"],
+                                cwd=tmp_path, data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return [(row["class"], row["confidence"]) for row in csv.DictReader(open(tmp_path / f"flip_{flag}.csv"))]
+
+    plain, flipped = predictions("false"), predictions("true")
+    assert plain[0] != plain[1], "the plain model tells an image from its mirror"
+    assert flipped[0] == flipped[1], "with the flip, an image and its mirror average the same two predictions"
+    assert predictions("null") == plain, "null predicts as the run tested (without the flip)"

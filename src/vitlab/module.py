@@ -88,6 +88,10 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_acc)
 
+    def predict_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # Predictions are made as the run tests: with test_hflip, from the averaged probabilities.
+        return self.test_logits(images)
+
     def parameter_groups(self) -> list[dict]:
         """Weight decay on weight matrices only: not on norms, biases or embeddings."""
         no_decay_names = getattr(self.net, "no_weight_decay", lambda: set())()

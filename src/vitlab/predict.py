@@ -3,7 +3,8 @@
 Each image (any size or mode; a folder is searched recursively) is converted to the model's
 channels and size and normalised with the training statistics, as recorded in the checkpoint;
 Lightning's ``trainer.predict`` runs the model. Writes ``predictions.csv`` (``file, class,
-confidence``: the predicted class name and its softmax probability) into the predict folder
+confidence``: the predicted class name and its softmax probability; with the test-time flip of
+``module.test_hflip`` or ``test_hflip=true``, the mean probability of the image and its mirror) into the predict folder
 (``outputs/predict/<date>/<time>/``), or to ``output=<path>``.
 """
 
@@ -39,6 +40,8 @@ def predict(cfg: DictConfig) -> Path:
         torch.set_num_threads(cfg.torch_threads)
     files = list_images(cfg.input)
     module, info = model_from_checkpoint(cfg.ckpt_path)
+    if cfg.get("test_hflip") is not None:
+        module.test_hflip = bool(cfg.test_hflip)
     model = info["model"]
     channels, size, num_classes = int(model["channels"]), int(model["image_size"]), int(model["num_classes"])
     classes = list(info.get("classes") or [])
@@ -63,7 +66,7 @@ def predict(cfg: DictConfig) -> Path:
         writer.writerow(["file", "class", "confidence"])
         for path, k, p in zip(files, index.tolist(), confidence.tolist()):
             writer.writerow([str(path), classes[k], f"{p:.4f}"])
-    log.info(f"{len(files)} images classified: {output}")
+    log.info(f"{len(files)} images classified{' (with the test-time flip)' if module.test_hflip else ''}: {output}")
     return output
 
 
