@@ -191,7 +191,8 @@ def main() -> None:
     device = torch.device(args.device)
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     cfg = compose_cfg([f"trainer.accelerator={accelerator}", "trainer.enable_progress_bar=false",
-                       "callbacks.model_summary=null", *args.overrides], str(tmp / "run"))
+                       "++trainer.enable_model_summary=false", "callbacks.model_summary=null", *args.overrides],
+                      str(tmp / "run"))
     precision = OmegaConf.to_container(cfg.trainer, resolve=True)["precision"]
     batch_size = cfg.data.batch_size
     m = OmegaConf.to_container(cfg.model, resolve=True)
