@@ -49,8 +49,15 @@ from vitlab.models import SimpleViT, flops_per_image
 from vitlab.train import compile_network
 
 PATHS = ("seed", "timm", "bare", "full")
-#: Dense bf16 peak FLOP/s by GPU name, for model-FLOP utilisation.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+#: Dense bf16 peak FLOP/s (no sparsity) by a part of the GPU's name, for model-FLOP utilisation;
+#: the first match counts, so longer names come before their prefixes ("L40S" before "L4").
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
+             "L4": 121e12, "A10": 125e12}
+
+
+def peak_bf16(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a GPU by its name, or None for one not in PEAK_BF16."""
+    return next((peak for part, peak in PEAK_BF16.items() if part in device_name), None)
 
 
 def peak_rss_gib() -> float:
@@ -304,7 +311,7 @@ def stretch_trainer(cfg, clock, max_steps):
 
 
 def report(paths: list[Contender], loader: Contender, device) -> None:
-    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = peak_bf16(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     rows = {}
     print(f"\n{'path':<6} {'images/s':>10} {'min-max':>17} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'RSS GiB':>8} {'GPU GiB':>8}")
     for p in paths:

@@ -3,6 +3,7 @@ preset, run on the CPU with a tiny model and a few steps."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -102,3 +103,13 @@ def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_
     # The same model on every path: the FLOP counts of seed, bare and full agree.
     assert table["seed"][3] == table["bare"][3] == table["full"][3]
     assert re.search(r"full/bare = \d+\.\d\dx \(rounds \d+\.\d\d-\d+\.\d\d\)", result.stdout)
+
+
+def test_model_flop_utilisation_uses_the_peak_of_the_named_gpu():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    peaks = {name: benchmark.peak_bf16(name) for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
+                                                           "NVIDIA L40S", "NVIDIA L4", "NVIDIA A100-SXM4-80GB", "Tesla T4")}
+    assert peaks == {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+                     "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA A100-SXM4-80GB": 312e12, "Tesla T4": None}
