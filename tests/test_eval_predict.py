@@ -163,6 +163,9 @@ def test_eval_tests_with_the_flip_on_request_and_as_the_run_was_trained(image_ru
     torch.save(checkpoint, tmp_path / "flip.ckpt")
     assert model_from_checkpoint(tmp_path / "flip.ckpt")[0].test_hflip is True
     assert model_from_checkpoint(ckpt)[0].test_hflip is False
+    # An explicit choice (eval's and predict's test_hflip=true|false) wins over the run's.
+    assert model_from_checkpoint(tmp_path / "flip.ckpt", test_hflip=False)[0].test_hflip is False
+    assert model_from_checkpoint(ckpt, test_hflip=True)[0].test_hflip is True
 
 
 def test_predict_with_the_flip_gives_an_image_and_its_mirror_the_same_answer(image_run, data_dir, tmp_path, monkeypatch,

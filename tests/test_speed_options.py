@@ -17,7 +17,14 @@ from conftest import REPO
 from test_configs import compose_train
 from vitlab.train import build, compile_network
 
-PATHS = ("seed", "timm", "bare", "full")
+
+def load_benchmark():
+    """scripts/benchmark.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
 
 TINY = ("model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "model.mlp_dim=64", "torch_threads=1")
 # A few training steps and nothing else: no validation, no logger, no callbacks.
@@ -97,8 +104,9 @@ def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"full/seed = \d+\.\d\dx", lines[-1]), lines[-1]
-    table = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in PATHS}
-    assert set(table) == set(PATHS)
+    paths = load_benchmark().PATHS
+    table = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in paths}
+    assert set(table) == set(paths) == {"seed", "timm", "bare", "full"}
     assert all(float(row[1]) > 0 for row in table.values()), table
     # The same model on every path: the FLOP counts of seed, bare and full agree.
     assert table["seed"][3] == table["bare"][3] == table["full"][3]
@@ -106,9 +114,7 @@ def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_
 
 
 def test_model_flop_utilisation_uses_the_peak_of_the_named_gpu():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
     peaks = {name: benchmark.peak_bf16(name) for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
                                                            "NVIDIA L40S", "NVIDIA L4", "NVIDIA A100-SXM4-80GB", "Tesla T4")}
     assert peaks == {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,

@@ -218,9 +218,11 @@ class RunInfo(L.Callback):
             set_rng_states(state_dict["rng"])
 
 
-def model_from_checkpoint(path: str | Path, name: str = "ckpt_path") -> tuple[L.LightningModule, dict[str, Any]]:
+def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip: bool | None = None
+                          ) -> tuple[L.LightningModule, dict[str, Any]]:
     """The LightningModule a checkpoint was trained as, with its weights, and the run's
-    description (``RunInfo``)."""
+    description (``RunInfo``). ``test_hflip`` overrides the run's own test-time flip
+    (``module.test_hflip``); None keeps it."""
     import hydra
 
     from vitlab.module import ImageClassifier
@@ -235,9 +237,11 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path") -> tuple[L.
         )
     check_targets(model_cfg, f"{name}={path}: model")
     net = hydra.utils.instantiate(model_cfg)
-    # How the run tested (module.test_hflip) travels in Lightning's saved hyperparameters.
-    test_hflip = bool((checkpoint.get("hyper_parameters") or {}).get("test_hflip", False))
-    module = ImageClassifier(net=net, num_classes=int(model_cfg["num_classes"]), optimizer=None, test_hflip=test_hflip)
+    if test_hflip is None:
+        # How the run tested (module.test_hflip) travels in Lightning's saved hyperparameters.
+        test_hflip = (checkpoint.get("hyper_parameters") or {}).get("test_hflip", False)
+    module = ImageClassifier(net=net, num_classes=int(model_cfg["num_classes"]), optimizer=None,
+                             test_hflip=bool(test_hflip))
     check_compatible(checkpoint, path, model_cfg, module, name)
     module.load_state_dict(checkpoint["state_dict"])
     return module, info

@@ -143,9 +143,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed)
-    module, info = model_from_checkpoint(cfg.ckpt_path)
-    if cfg.get("test_hflip") is not None:
-        module.test_hflip = bool(cfg.test_hflip)
+    module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"))
     data = data_config(cfg, info)
     datamodule = hydra.utils.instantiate(data)
     check_shapes(datamodule, info["model"])

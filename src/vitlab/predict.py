@@ -4,8 +4,8 @@ Each image (any size or mode; a folder is searched recursively) is converted to 
 channels and size and normalised with the training statistics, as recorded in the checkpoint;
 Lightning's ``trainer.predict`` runs the model. Writes ``predictions.csv`` (``file, class,
 confidence``: the predicted class name and its softmax probability; with the test-time flip of
-``module.test_hflip`` or ``test_hflip=true``, the mean probability of the image and its mirror) into the predict folder
-(``outputs/predict/<date>/<time>/``), or to ``output=<path>``.
+``module.test_hflip`` or ``test_hflip=true``, the mean probability of the image and its
+mirror) into the predict folder (``outputs/predict/<date>/<time>/``), or to ``output=<path>``.
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ def predict(cfg: DictConfig) -> Path:
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg.torch_threads)
     files = list_images(cfg.input)
-    module, info = model_from_checkpoint(cfg.ckpt_path)
-    if cfg.get("test_hflip") is not None:
-        module.test_hflip = bool(cfg.test_hflip)
+    module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"))
     model = info["model"]
     channels, size, num_classes = int(model["channels"]), int(model["image_size"]), int(model["num_classes"])
     classes = list(info.get("classes") or [])
