@@ -1,12 +1,16 @@
-"""Small image datasets held in memory as uint8 tensors, batched without per-sample Python.
+"""Image datamodules: loaders, on-device normalisation and augmentation, shared by the
+datasets held in memory and those read per sample.
 
-A DataLoader with automatic batching hands the whole list of indices of a batch to
-``Dataset.__getitems__``, so one tensor gather builds the batch; normalisation and training
-augmentation run batch-wise on the training device in ``on_after_batch_transfer``.
+In memory, a DataLoader with automatic batching hands the whole list of indices of a batch to
+``Dataset.__getitems__``, so one tensor gather builds the batch. Either way batches arrive as
+uint8 and are normalised and augmented batch-wise on the training device in
+``on_after_batch_transfer``. Training loaders resume in the middle of an epoch
+(``vitlab.data.loading``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import lightning as L
@@ -15,6 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitlab.data.augment import Augmentations
+from vitlab.data.loading import index_of, train_loader
+
+log = logging.getLogger(__name__)
 
 
 class InMemoryImages(Dataset):
@@ -34,8 +41,9 @@ class InMemoryImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
+    def __getitems__(self, keys: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        # Keys are indices, or (index, seed) pairs from the training sampler.
+        index = torch.as_tensor([index_of(k) for k in keys])
         return self.images[index], self.labels[index]
 
 
@@ -57,9 +65,13 @@ def split(dataset: InMemoryImages, val_size: int, seed: int) -> tuple[InMemoryIm
 
 
 class InMemoryImageDataModule(L.LightningDataModule):
-    """Shared loaders and on-device normalisation for datasets that fit in memory.
+    """Shared loaders and on-device normalisation.
 
-    Subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``.
+    Subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``:
+    ``InMemoryImages`` (batched by ``__getitems__``), or datasets read per sample with
+    ``collate_fn`` set (``vitlab.data.loading.collate_samples``), whose batches also list the
+    files skipped by ``on_bad_file=skip``: they are logged once and counted in
+    ``skipped_files``. ``seed`` orders the training batches (with the epoch).
     """
 
     def __init__(
@@ -76,6 +88,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         class_names: Sequence[str] | None = None,
         augment: Mapping[str, nn.Module | None] | Sequence[nn.Module] | nn.Module | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if len(mean) != channels or len(std) != channels:
@@ -88,6 +101,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.seed = seed
+        self.collate_fn = keep_batch
+        #: ``"<split>:<index>"`` -> file of each unreadable file skipped so far (this process).
+        self.skipped_files: dict[str, str] = {}
         # Training batches only, on the device (vitlab.data.augment: crop/flip and RandAugment
         # on the uint8 pixels, erasing after normalisation, MixUp/CutMix last: soft targets).
         self.augment = Augmentations(augment) if augment else None
@@ -97,18 +114,21 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
 
-    def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
+    def _loader(self, dataset, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("the datamodule has not been set up for this stage")
+        if train:
+            return train_loader(dataset, batch_size=self.batch_size, seed=self.seed, trainer=self.trainer,
+                                num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate_fn)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=keep_batch,
+            collate_fn=self.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -125,8 +145,23 @@ class InMemoryImageDataModule(L.LightningDataModule):
         std = self.std.to(images.device)
         return (images.float().div_(255) - mean) / std
 
+    def describe_file(self, index: int, split: str) -> str:
+        """How a skipped sample is named in the log (subclasses: its file)."""
+        return f"{split} sample {index}"
+
+    def note_skipped(self, indices: Sequence[int]) -> None:
+        trainer = self.trainer
+        split = "train" if trainer is None or trainer.training else "test" if trainer.testing else "val"
+        for index in indices:
+            key = f"{split}:{index}"
+            if key not in self.skipped_files:
+                self.skipped_files[key] = self.describe_file(int(index), split)
+                log.warning(f"skipped an unreadable file (data.on_bad_file=skip): {self.skipped_files[key]}")
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = batch
+        images, labels, *skipped = batch
+        if skipped and skipped[0]:
+            self.note_skipped(skipped[0])
         if self.augment is not None and self.trainer is not None and self.trainer.training:
             return self.augment(images, labels, self.normalize)
         return self.normalize(images), labels

@@ -1,9 +1,18 @@
 """A folder of images, one subfolder per class and split: ``<root>/{train,val[,test]}/<class>/*``.
 
-The layout is checked when the datamodule is built (before anything trains); each split is
-decoded once at setup with torchvision (``decode_image``), resized to ``image_size`` and
-held in memory as uint8, like the MNIST family, so batches are gathered and normalised on the
-device. Without a ``test/`` folder the test split is ``val/``.
+The layout is checked when the datamodule is built (before anything trains). Then, by
+``in_memory``:
+
+- in memory: each split is decoded once at setup with torchvision, resized to ``image_size``
+  and held as uint8, like the MNIST family, so batches are gathered and normalised on the
+  device;
+- streaming: files are read and decoded per sample in DataLoader workers, with the training
+  crop and flip drawn per image there (``vitlab.data.transforms``), so memory does not grow
+  with the dataset and each crop sees the full-resolution image;
+- ``auto``: in memory when all decoded splits fit in ``memory_budget_gb`` (default: a quarter
+  of this machine's RAM), else streaming; the log gives the sizes that decided.
+
+Without a ``test/`` folder the test split is ``val/``.
 """
 
 from __future__ import annotations
@@ -15,20 +24,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as F
+from torchvision.io import read_file
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages
-from vitlab.data.mnist import DataError
+from vitlab.data.errors import DataError
+from vitlab.data.loading import BAD_FILE_POLICIES, collate_samples, read_sample
+from vitlab.data.transforms import RESIZE_MODES, BadImageError, SampleTransform, decode, resize_to
 
 log = logging.getLogger(__name__)
 
 #: File endings read as images (torchvision's ImageFolder list); other files are ignored.
 IMAGE_EXTENSIONS = tuple(sorted(IMG_EXTENSIONS))
-RESIZE_MODES = ("crop", "stretch")
+IN_MEMORY_CHOICES = ("auto", True, False)
+#: Training images decoded to estimate the normalisation statistics of a streamed folder.
+STATISTICS_SAMPLE = 2000
 
 
 def is_image_file(path: Path) -> bool:
@@ -45,28 +58,50 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
+def read_image(path: str | Path, channels: int) -> torch.Tensor:
+    """One image file decoded to uint8 ``(channels, H, W)`` at its own size."""
+    try:
+        data = read_file(str(path))
+    except (OSError, RuntimeError) as err:
+        raise BadImageError(f"{path} cannot be read ({err}): check the file's permissions or replace it.") from None
+    return decode(data, channels, name=str(path))
+
+
 def load_image(path: str | Path, channels: int, size: int, resize: str = "crop") -> torch.Tensor:
     """One image file as uint8 (channels, size, size): RGB or grayscale whatever its mode,
     EXIF rotation applied, resized (``crop``: shorter side to ``size``, then the centre square;
     ``stretch``: both sides to ``size``)."""
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    try:
-        image = decode_image(str(path), mode=mode, apply_exif_orientation=True)
-    except RuntimeError:
-        # Formats torchvision's decoders do not read (BMP, TIFF, PPM/PGM) go through Pillow.
-        try:
-            with Image.open(path) as pil:
-                image = F.pil_to_tensor(pil.convert("RGB" if channels == 3 else "L"))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise DataError(f"{path} cannot be read as an image ({err}): replace or delete the file.") from None
-    if image.ndim == 4:  # an animated image: its first frame
-        image = image[0]
-    if image.dtype != torch.uint8:  # 16-bit PNGs
-        image = F.to_dtype(image, torch.uint8, scale=True)
-    if resize == "stretch":
-        return F.resize(image, [size, size], antialias=True).contiguous()
-    image = F.resize(image, [size], antialias=True)
-    return F.center_crop(image, [size, size]).contiguous()
+    return resize_to(read_image(path, channels), size, resize)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ImageFileDataset(Dataset):
+    """Labelled image files read per sample: ``dataset[key] -> (image, label, skipped)``.
+
+    Paths are one numpy byte-string array (not a list of Python objects), so forked workers
+    share it instead of copying it page by page as reference counts change.
+    """
+
+    def __init__(self, files: Sequence[tuple[Path, int]], channels: int, transform, on_bad_file: str = "error"):
+        self.paths = np.array([os.fsencode(path) for path, _ in files])
+        self.labels = np.array([label for _, label in files], dtype=np.int64)
+        self.channels, self.transform, self.on_bad_file = channels, transform, on_bad_file
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, index: int) -> str:
+        return os.fsdecode(self.paths[index])
+
+    def _read(self, index: int, seed: int | None):
+        return self.transform(read_image(self.path(index), self.channels), seed), int(self.labels[index])
+
+    def __getitem__(self, key):
+        return read_sample(self._read, key, len(self), self.on_bad_file)
 
 
 def pixel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -87,7 +122,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
     """Images in ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (``test/`` optional).
 
     Class names are the folder names, sorted; every split must have the same class folders.
-    ``mean``/``std`` null: computed on the training images at setup.
+    ``mean``/``std`` null: computed on the training images at setup (on a seeded sample of
+    ``STATISTICS_SAMPLE`` of them when streaming). ``num_workers`` null: none in memory, up to
+    4 (one per core) when streaming.
     """
 
     def __init__(
@@ -100,6 +137,15 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         resize: str = "crop",
+        in_memory: str | bool = "auto",
+        memory_budget_gb: float | None = None,
+        train_crop: str = "random_resized",
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        crop_pct: float = 0.875,
+        on_bad_file: str = "error",
+        num_workers: int | None = None,
         **kwargs,
     ):
         if channels not in (1, 3):
@@ -108,6 +154,12 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             raise ValueError(f"data.resize={resize} is not one of {list(RESIZE_MODES)}.")
         if image_size <= 0:
             raise ValueError(f"data.image_size={image_size} must be positive.")
+        if in_memory not in IN_MEMORY_CHOICES:
+            raise ValueError(f"data.in_memory={in_memory} is not one of auto, true, false.")
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(f"data.on_bad_file={on_bad_file} is not one of {list(BAD_FILE_POLICIES)}.")
+        if memory_budget_gb is not None and not memory_budget_gb > 0:
+            raise ValueError(f"data.memory_budget_gb={memory_budget_gb} must be positive (null: a quarter of RAM).")
         self.root = self._check_root(root)
         self.files = self._scan()
         classes = class_folders(self.root / "train")
@@ -117,6 +169,11 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                 f"leave data.num_classes at its default (counted from the folders)."
             )
         self.computed_stats = mean is None or std is None
+        self.resize = resize
+        self.on_bad_file = on_bad_file
+        self.streaming = self._choose_streaming(in_memory, memory_budget_gb, image_size, channels)
+        if num_workers is None:
+            num_workers = min(4, os.cpu_count() or 1) if self.streaming else 0
         super().__init__(
             image_size=image_size,
             channels=channels,
@@ -125,9 +182,29 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             mean=[0.5] * channels if self.computed_stats else mean,
             std=[0.25] * channels if self.computed_stats else std,
             class_names=classes,
+            num_workers=num_workers,
             **kwargs,
         )
-        self.resize = resize
+        if self.streaming:
+            self.collate_fn = collate_samples
+            options = dict(resize=resize, crop_pct=crop_pct, scale=scale, ratio=ratio, train_crop=train_crop)
+            self.train_transform = SampleTransform(image_size, train=True, hflip=hflip, **options)
+            self.eval_transform = SampleTransform(image_size, train=False, **options)
+
+    def _choose_streaming(self, in_memory, budget_gb: float | None, image_size: int, channels: int) -> bool:
+        images = sum(len(entries) for entries in self.files.values())
+        decoded = images * channels * image_size * image_size
+        budget = budget_gb * 2**30 if budget_gb is not None else memory_bytes() / 4
+        sizes = (f"{images} images, {decoded / 2**30:.2f} GiB decoded at {channels}x{image_size}x{image_size}, "
+                 f"budget {budget / 2**30:.2f} GiB")
+        if in_memory == "auto":
+            streaming = decoded > budget
+            log.info(f"{self.root}: {'streaming from disk' if streaming else 'decoded into memory'} "
+                     f"(data.in_memory=auto: {sizes})")
+            return streaming
+        if in_memory and decoded > budget:
+            log.warning(f"{self.root}: data.in_memory=true holds {sizes}; data.in_memory=auto would stream it.")
+        return not in_memory
 
     @staticmethod
     def _check_root(root: str | None) -> Path:
@@ -178,13 +255,33 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         start = time.perf_counter()
         entries = self.files[split]
         images = torch.empty(len(entries), self.channels, self.image_size, self.image_size, dtype=torch.uint8)
-        for i, (path, _) in enumerate(entries):
-            images[i] = load_image(path, self.channels, self.image_size, self.resize)
-        labels = torch.tensor([label for _, label in entries], dtype=torch.long)
+        kept = []
+        for path, label in entries:
+            try:
+                images[len(kept)] = load_image(path, self.channels, self.image_size, self.resize)
+            except BadImageError:
+                if self.on_bad_file != "skip":
+                    raise
+                self.skipped_files[f"{split}:{path}"] = str(path)
+                log.warning(f"skipped an unreadable file (data.on_bad_file=skip): {path}")
+                continue
+            kept.append(label)
+        labels = torch.tensor(kept, dtype=torch.long)
         shape = f"{self.channels}x{self.image_size}x{self.image_size}"
         seconds = time.perf_counter() - start
-        log.info(f"{self.root / split}: {len(entries)} images decoded to {shape} in {seconds:.1f} s")
-        return InMemoryImages(images, labels)
+        log.info(f"{self.root / split}: {len(kept)} images decoded to {shape} in {seconds:.1f} s")
+        return InMemoryImages(images[: len(kept)].clone() if len(kept) < len(entries) else images, labels)
+
+    def _stream(self, split: str) -> ImageFileDataset:
+        transform = self.train_transform if split == "train" else self.eval_transform
+        return ImageFileDataset(self.files[split], self.channels, transform, self.on_bad_file)
+
+    def _split(self, split: str):
+        return self._stream(split) if self.streaming else self._decode(split)
+
+    def describe_file(self, index: int, split: str) -> str:
+        dataset = getattr(self, f"{split}_set", None)
+        return dataset.path(index) if isinstance(dataset, ImageFileDataset) else f"{split} sample {index}"
 
     @property
     def test_split(self) -> str:
@@ -192,25 +289,34 @@ class ImageFolderDataModule(InMemoryImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.val_set is None:
-            self.val_set = self._decode("val")
+            self.val_set = self._split("val")
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._decode("train")
+            self.train_set = self._split("train")
         if self.computed_stats:  # normalisation by the training images, whatever the stage
             self._set_statistics()
         if stage in (None, "test") and self.test_set is None:
             if self.test_split == "val":
                 log.info(f"{self.root} has no test/ folder: the test split is val/.")
             reuse = self.test_split == "val" and self.val_set is not None
-            self.test_set = self.val_set if reuse else self._decode(self.test_split)
+            self.test_set = self.val_set if reuse else self._split(self.test_split)
 
     def _set_statistics(self) -> None:
         if self.train_set is None:
-            self.train_set = self._decode("train")
-        mean, std = pixel_statistics(self.train_set.images)
+            self.train_set = self._split("train")
+        if self.streaming:
+            # A seeded sample of the training images, resized as for evaluation.
+            dataset = ImageFileDataset(self.files["train"], self.channels, self.eval_transform, self.on_bad_file)
+            count = min(len(dataset), STATISTICS_SAMPLE)
+            picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:count]
+            images = torch.stack([dataset[int(i)][0] for i in picks])
+            where = f"{count} of the {len(dataset)} images of {self.root / 'train'}"
+        else:
+            images, where = self.train_set.images, str(self.root / "train")
+        mean, std = pixel_statistics(images)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.computed_stats = False
-        log.info(f"pixel statistics of {self.root / 'train'}: "
+        log.info(f"pixel statistics of {where}: "
                  f"mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
 
 
@@ -230,16 +336,20 @@ def list_images(path: str | Path, name: str = "input") -> list[Path]:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Unlabelled image files, decoded and resized when read (each is used once)."""
+    """Unlabelled image files, decoded and resized when read (each is used once): as the run's
+    evaluation images were (``transform``: a ``SampleTransform`` for a streamed run), else
+    resized to ``image_size`` by ``resize``."""
 
-    def __init__(self, files: Sequence[Path], channels: int, image_size: int, resize: str = "crop"):
+    def __init__(self, files: Sequence[Path], channels: int, image_size: int, resize: str = "crop", transform=None):
         self.files, self.channels, self.image_size, self.resize = list(files), channels, image_size, resize
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return load_image(self.files[index], self.channels, self.image_size, self.resize)
+        image = read_image(self.files[index], self.channels)
+        return self.transform(image) if self.transform else resize_to(image, self.image_size, self.resize)
 
 
 class ImageFilesDataModule(L.LightningDataModule):
@@ -247,9 +357,10 @@ class ImageFilesDataModule(L.LightningDataModule):
     and size, normalised on the device with the training statistics."""
 
     def __init__(self, files: Sequence[Path], *, image_size: int, channels: int, mean: Sequence[float],
-                 std: Sequence[float], resize: str = "crop", batch_size: int = 64, num_workers: int = 0):
+                 std: Sequence[float], resize: str = "crop", batch_size: int = 64, num_workers: int = 0,
+                 transform=None):
         super().__init__()
-        self.dataset = ImageFiles(files, channels, image_size, resize)
+        self.dataset = ImageFiles(files, channels, image_size, resize, transform)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.batch_size, self.num_workers = batch_size, num_workers

@@ -18,10 +18,7 @@ import torchvision.datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_url
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages, split
-
-
-class DataError(RuntimeError):
-    """A problem with the data on disk that the user can fix; the message says how."""
+from vitlab.data.errors import DataError
 
 
 _IDX_DTYPES = {0x08: np.uint8}

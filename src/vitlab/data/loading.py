@@ -1,0 +1,127 @@
+"""Training loaders that resume exactly, and the bad-file policy of datasets read per sample.
+
+- ``EpochSampler``: the training order is a function of the run's seed and the epoch alone
+  (a seeded permutation, split across DDP ranks like ``DistributedSampler``), and the sampler
+  keeps its position in the epoch as its state. torchdata's ``StatefulDataLoader`` saves that
+  state with the loader's (workers included), Lightning stores it in every checkpoint, and a
+  run stopped in the middle of an epoch continues with the batches the uninterrupted run would
+  have drawn.
+- Each index comes with a per-sample seed (from seed, epoch and index) for the random crop and
+  flip done in the workers, so augmentation does not depend on which worker reads a sample.
+- ``on_bad_file``: a file that cannot be decoded is found when it is read. ``error`` stops the
+  run naming it; ``skip`` reads another sample in its place (chosen from the sample's seed, so
+  a resumed run replaces it the same way) and reports the file, which the datamodule logs once
+  and counts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from vitlab.data.transforms import BadImageError
+
+BAD_FILE_POLICIES = ("error", "skip")
+#: Replacement samples tried for one unreadable file before the run stops anyway.
+MAX_REPLACEMENTS = 16
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch (stable across processes and Python runs)."""
+    return random.Random(f"{seed}/{epoch}/{index}").getrandbits(63)
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffled training indices, a function of ``seed`` and the epoch, as ``(index, seed)`` pairs.
+
+    A ``DistributedSampler`` (so Lightning leaves it in place under DDP: each of
+    ``num_replicas`` ranks reads its own share; the last, shorter share is padded with samples
+    from the start as ``DistributedSampler`` does). ``state_dict`` holds the epoch and how many
+    indices this epoch has yielded; after ``load_state_dict`` the next iteration continues from
+    there.
+    """
+
+    def __init__(self, dataset, *, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self._start = 0
+        self._yielded = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        indices = list(super().__iter__())
+        self._yielded, self._start = self._start, 0
+        for index in indices[self._yielded:]:
+            self._yielded += 1
+            yield index, sample_seed(self.seed, epoch, index)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._start = int(state["yielded"])
+
+
+def index_of(key) -> int:
+    """The dataset index of a sampler key: an ``(index, seed)`` pair or a plain index."""
+    return int(key[0]) if isinstance(key, (tuple, list)) else int(key)
+
+
+def seed_of(key) -> int | None:
+    return int(key[1]) if isinstance(key, (tuple, list)) else None
+
+
+def train_loader(dataset, *, batch_size: int, seed: int, trainer, num_workers: int = 0, pin_memory: bool = False,
+                 collate_fn: Callable | None = None, drop_last: bool = False) -> DataLoader:
+    """A resumable training loader over ``dataset`` (an ``EpochSampler``, a
+    ``StatefulDataLoader``). Under DDP the sampler is given the trainer's world size and rank."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    world = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls a deprecated torch telemetry hook when built.
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=collate_fn,
+            # The loader's own generator: making its iterator never draws from the global one,
+            # which the on-device augmentation uses (and checkpoints restore).
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+
+def read_sample(read: Callable[[int, int | None], tuple[torch.Tensor, int]], key, size: int, policy: str):
+    """``read(index, seed) -> (image, label)`` for a sampler key under the bad-file policy:
+    ``(image, label, skipped_indices)``."""
+    index, seed = index_of(key), seed_of(key)
+    skipped: list[int] = []
+    rng = random.Random(seed if seed is not None else index)
+    for _ in range(MAX_REPLACEMENTS + 1):
+        try:
+            image, label = read(index, seed)
+            return image, label, skipped
+        except BadImageError:
+            if policy != "skip":
+                raise
+            skipped.append(index)
+            index = rng.randrange(size)
+    raise BadImageError(f"{MAX_REPLACEMENTS + 1} files in a row could not be read (the last at index {index}): "
+                        f"the data is damaged beyond data.on_bad_file=skip; check the folder or shards.")
+
+
+def collate_samples(samples: Sequence[tuple[torch.Tensor, int, list[int]]]):
+    """``(images (B, C, S, S) uint8, labels (B,), skipped indices)`` from per-sample reads."""
+    images = torch.stack([s[0] for s in samples])
+    labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
+    return images, labels, [i for s in samples for i in s[2]]
+
+
+def steps_per_epoch(samples: int, batch_size: int, world: int = 1) -> int:
+    return math.ceil(math.ceil(samples / world) / batch_size)
