@@ -84,7 +84,7 @@ def test_predict_converts_any_image_and_names_bad_input(image_run, data_dir, tmp
     (docs / "notes.txt").write_text("no images")
     assert_short_failure(run(f"input={docs}"), f"error: DataError: input={docs} holds no images")
     (docs / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    assert_short_failure(run(f"input={docs}"), f"error: DataError: {docs / 'broken.jpg'} cannot be read as an image")
+    assert_short_failure(run(f"input={docs}"), f"error: BadImageError: {docs / 'broken.jpg'} cannot be read as an image")
     assert_short_failure(run(), "error: ValueError: input is not set")
 
 

@@ -206,6 +206,8 @@ class RunInfo(L.Callback):
             "classes": [str(c) for c in getattr(dm, "class_names", [])],
             "image_size": getattr(dm, "image_size", None),
             "channels": getattr(dm, "channels", None),
+            # Streamed datasets evaluate at image_size / crop_pct then crop; predict does the same.
+            "streaming": bool(getattr(dm, "streaming", False)),
             "mean": [float(v) for v in torch.as_tensor(dm.mean).flatten()] if hasattr(dm, "mean") else None,
             "std": [float(v) for v in torch.as_tensor(dm.std).flatten()] if hasattr(dm, "std") else None,
         }

@@ -74,6 +74,8 @@ def data_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"ckpt_path={cfg.ckpt_path} does not say which dataset it was trained on: pass data=<name>.")
     if "augment" in data:
         data["augment"] = None
+    if "in_memory" in data and "in_memory" not in given and "streaming" in info:
+        data["in_memory"] = not info["streaming"]  # evaluate as the run was evaluated
     if info.get("mean") is not None and "mean" in data and len(info["mean"]) == data.get("channels"):
         data["mean"], data["std"] = info["mean"], info["std"]
     return data

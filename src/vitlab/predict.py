@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from vitlab.checkpoint import model_from_checkpoint
 from vitlab.config import CONFIG_DIR, quote_path_overrides
 from vitlab.data.imagefolder import ImageFilesDataModule, list_images
+from vitlab.data.transforms import SampleTransform
 from vitlab.eval import run_entry_point
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,13 @@ def predict(cfg: DictConfig) -> Path:
     if not mean or not std:
         raise ValueError(f"ckpt_path={cfg.ckpt_path} records no normalisation statistics: "
                          f"keep it beside its run's config.yaml.")
+    transform = None
+    if info.get("streaming"):  # as the run evaluated: shorter side to size / crop_pct, centre crop
+        transform = SampleTransform(size, train=False, crop_pct=data.get("crop_pct", 0.875),
+                                    resize=data.get("resize", "crop"))
     datamodule = ImageFilesDataModule(files, image_size=size, channels=channels, mean=mean, std=std,
                                       resize=data.get("resize", "crop"), batch_size=cfg.batch_size,
-                                      num_workers=cfg.num_workers)
+                                      num_workers=cfg.num_workers, transform=transform)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_model_summary=False)
     logits = torch.cat([batch.float() for batch in trainer.predict(module, datamodule=datamodule)])
     confidence, index = logits.softmax(dim=-1).max(dim=-1)

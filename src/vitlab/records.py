@@ -106,12 +106,24 @@ class RunRecord:
             last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
             train_images_per_s=round(throughput.images_per_s, 1) if throughput and throughput.images_per_s else None,
         )
+        self.record_data(trainer.datamodule)
         self.save()
+
+    def record_data(self, datamodule) -> None:
+        """How the data was read, and the unreadable files skipped (``data.on_bad_file=skip``)."""
+        if hasattr(datamodule, "streaming"):
+            self.payload["data_streaming"] = bool(datamodule.streaming)
+        skipped = getattr(datamodule, "skipped_files", None)
+        if skipped is not None:
+            self.payload["skipped_files"] = len(skipped)
+            if skipped:
+                self.payload["skipped_file_names"] = sorted(set(skipped.values()))[:1000]
 
     def finish(self, trainer: L.Trainer, test_metrics: dict[str, float]) -> dict[str, Any]:
         if self.payload["status"] != "interrupted":
             self.payload["status"] = "completed"
         self.payload.update({key: float(value) for key, value in test_metrics.items()})
+        self.record_data(trainer.datamodule)
         self.save()
         if not self.writer:
             return self.payload

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitlab.data.augment import Augmentations
-from vitlab.data.loading import index_of, train_loader
+from vitlab.data.loading import ResumePoint, index_of, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.collate_fn = keep_batch
+        self.resume = ResumePoint()
         #: ``"<split>:<index>"`` -> file of each unreadable file skipped so far (this process).
         self.skipped_files: dict[str, str] = {}
         # Training batches only, on the device (vitlab.data.augment: crop/flip and RandAugment
@@ -119,7 +120,8 @@ class InMemoryImageDataModule(L.LightningDataModule):
             raise RuntimeError("the datamodule has not been set up for this stage")
         if train:
             return train_loader(dataset, batch_size=self.batch_size, seed=self.seed, trainer=self.trainer,
-                                num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate_fn)
+                                resume=self.resume, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                collate_fn=self.collate_fn)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -158,10 +160,22 @@ class InMemoryImageDataModule(L.LightningDataModule):
                 self.skipped_files[key] = self.describe_file(int(index), split)
                 log.warning(f"skipped an unreadable file (data.on_bad_file=skip): {self.skipped_files[key]}")
 
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint by Lightning: where in the epoch training stands."""
+        per_epoch = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        return {"resume": self.resume.state_dict(per_epoch)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "resume" in state_dict:
+            self.resume.load_state_dict(state_dict["resume"])
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, *skipped = batch
         if skipped and skipped[0]:
             self.note_skipped(skipped[0])
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
+        training = self.trainer is not None and self.trainer.training
+        if training:
+            self.resume.took_batch(self.trainer.current_epoch)
+        if self.augment is not None and training:
             return self.augment(images, labels, self.normalize)
         return self.normalize(images), labels

@@ -1,11 +1,12 @@
 """Training loaders that resume exactly, and the bad-file policy of datasets read per sample.
 
 - ``EpochSampler``: the training order is a function of the run's seed and the epoch alone
-  (a seeded permutation, split across DDP ranks like ``DistributedSampler``), and the sampler
-  keeps its position in the epoch as its state. torchdata's ``StatefulDataLoader`` saves that
-  state with the loader's (workers included), Lightning stores it in every checkpoint, and a
-  run stopped in the middle of an epoch continues with the batches the uninterrupted run would
-  have drawn.
+  (a seeded permutation, split across DDP ranks like ``DistributedSampler``). The datamodule
+  counts the training batches the trainer has taken in the epoch (``ResumePoint``) and keeps
+  that count in every checkpoint; a run stopped in the middle of an epoch restarts the epoch's
+  permutation after those batches, so it trains on exactly the batches the uninterrupted run
+  would have drawn. Counting what the trainer consumed, rather than what the loader produced,
+  keeps batches that Lightning and the workers fetched ahead out of the count.
 - Each index comes with a per-sample seed (from seed, epoch and index) for the random crop and
   flip done in the workers, so augmentation does not depend on which worker reads a sample.
 - ``on_bad_file``: a file that cannot be decoded is found when it is read. ``error`` stops the
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -41,30 +41,52 @@ class EpochSampler(DistributedSampler):
 
     A ``DistributedSampler`` (so Lightning leaves it in place under DDP: each of
     ``num_replicas`` ranks reads its own share; the last, shorter share is padded with samples
-    from the start as ``DistributedSampler`` does). ``state_dict`` holds the epoch and how many
-    indices this epoch has yielded; after ``load_state_dict`` the next iteration continues from
-    there.
+    from the start as ``DistributedSampler`` does). ``resume`` says where the first iteration
+    starts: in epoch ``resume.epoch``, after ``resume.batches`` batches of ``batch_size``.
     """
 
-    def __init__(self, dataset, *, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, dataset, *, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 resume: ResumePoint | None = None, batch_size: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        self._start = 0
-        self._yielded = 0
+        self.resume, self.batch_size = resume, batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        start = 0
+        if self.resume is not None and self.resume.pending:
+            # The first iteration after a restore continues the restored epoch. (With worker
+            # processes it begins when the loader is first iterated, before Lightning sets the
+            # epoch, so the epoch is taken from the restored state.)
+            self.set_epoch(self.resume.epoch)
+            start = self.resume.batches * self.batch_size
+            self.resume.pending = False
         epoch = self.epoch
         indices = list(super().__iter__())
-        self._yielded, self._start = self._start, 0
-        for index in indices[self._yielded:]:
-            self._yielded += 1
+        for index in indices[start:]:
             yield index, sample_seed(self.seed, epoch, index)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self._yielded}
+
+class ResumePoint:
+    """The training batches the trainer has taken in the current epoch, counted where the
+    datamodule hands them over (``on_after_batch_transfer``); saved in checkpoints through the
+    datamodule's ``state_dict``."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches, self.pending = 0, 0, False
+
+    def took_batch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
+        self.batches += 1
+
+    def state_dict(self, batches_per_epoch: float = float("inf")) -> dict[str, int]:
+        """Where training continues: after ``batches`` of ``epoch`` (a finished epoch: the next
+        one, from its start)."""
+        if self.batches >= batches_per_epoch:
+            return {"epoch": self.epoch + 1, "batches": 0}
+        return {"epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._start = int(state["yielded"])
+        self.epoch, self.batches, self.pending = int(state["epoch"]), int(state["batches"]), True
 
 
 def index_of(key) -> int:
@@ -76,25 +98,20 @@ def seed_of(key) -> int | None:
     return int(key[1]) if isinstance(key, (tuple, list)) else None
 
 
-def train_loader(dataset, *, batch_size: int, seed: int, trainer, num_workers: int = 0, pin_memory: bool = False,
-                 collate_fn: Callable | None = None, drop_last: bool = False) -> DataLoader:
-    """A resumable training loader over ``dataset`` (an ``EpochSampler``, a
-    ``StatefulDataLoader``). Under DDP the sampler is given the trainer's world size and rank."""
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
+def train_loader(dataset, *, batch_size: int, seed: int, trainer, resume: ResumePoint | None = None,
+                 num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
+    """A resumable training loader over ``dataset`` (an ``EpochSampler``). Under DDP the
+    sampler is given the trainer's world size and rank."""
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
-    sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank)
-    with warnings.catch_warnings():
-        # torchdata 0.11 calls a deprecated torch telemetry hook when built.
-        warnings.filterwarnings("ignore", message=".*set_vital.*")
-        return StatefulDataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=collate_fn,
-            # The loader's own generator: making its iterator never draws from the global one,
-            # which the on-device augmentation uses (and checkpoints restore).
-            generator=torch.Generator().manual_seed(seed),
-        )
+    sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank, resume=resume, batch_size=batch_size)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=collate_fn,
+        # The loader's own generator: making its iterator never draws from the global one,
+        # which the on-device augmentation uses (and checkpoints restore).
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def read_sample(read: Callable[[int, int | None], tuple[torch.Tensor, int]], key, size: int, policy: str):

@@ -46,7 +46,10 @@ def decode(data: bytes | bytearray | memoryview | torch.Tensor, channels: int, n
         try:
             with Image.open(io.BytesIO(raw.numpy().tobytes())) as pil:
                 image = F.pil_to_tensor(pil.convert("RGB" if channels == 3 else "L"))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        except UnidentifiedImageError:
+            raise BadImageError(f"{name} cannot be read as an image (not a format torchvision or Pillow decodes, "
+                                f"or damaged): replace or delete the file.") from None
+        except (OSError, ValueError, SyntaxError) as err:
             raise BadImageError(f"{name} cannot be read as an image ({err}): replace or delete the file.") from None
     if image.ndim == 4:  # an animated image: its first frame
         image = image[0]
