@@ -43,7 +43,16 @@ def test_every_config_composes(group, option, tmp_path):
 def test_model_and_datamodule_instantiate(data, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
     # data=imagefolder reads the user's own folder: a generated one here.
-    extra = [f"data.root={make_image_folder(tmp_path / 'photos', per_class=1)}"] if data == "imagefolder" else []
+    extra = []
+    if data in ("imagefolder", "imagenet", "shards"):
+        root = make_image_folder(tmp_path / "photos", per_class=1)
+        if data == "shards":  # shards written from the folder, as vitlab.prepare does
+            from vitlab.data.imagefolder import ImageFolderDataModule
+            from vitlab.data.shards import write_shards
+
+            root = write_shards(ImageFolderDataModule(root=str(root), image_size=16), tmp_path / "shards",
+                                num_workers=1) and tmp_path / "shards"
+        extra = [f"data.root={root}"]
     cfg = compose_train(f"data={data}", *extra, tmp=tmp_path)
     dm = hydra.utils.instantiate(cfg.data)
     net = hydra.utils.instantiate(cfg.model)

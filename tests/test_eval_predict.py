@@ -22,12 +22,14 @@ TINY = ("model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "
         "trainer.enable_progress_bar=false")
 
 
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory, data_dir):
-    """A few steps of training on a generated image folder (3 classes, no test/ split)."""
+@pytest.fixture(scope="module", params=["in_memory", "streaming"])
+def image_run(request, tmp_path_factory, data_dir):
+    """A few steps of training on a generated image folder (3 classes, no test/ split), decoded
+    into memory or streamed from the files."""
     work = tmp_path_factory.mktemp("image_run")
     root = make_image_folder(work / "photos", per_class=8)
     run_entry("vitlab.train", "data=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=8",
+              f"data.in_memory={request.param == 'in_memory'}", "data.num_workers=0",
               "model.patch_size=4", "trainer.max_epochs=3", "name=photos", *TINY, cwd=work, data_dir=data_dir)
     return work, root, work / "outputs" / "runs" / "photos" / "checkpoints" / "last.ckpt"
 

@@ -41,3 +41,39 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert not any("norm" in n for n in decayed)
     assert "linear_head.weight" in decayed and "transformer.layers.0.0.to_qkv.weight" in decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def test_warmup_in_steps_and_clipping_with_a_fused_optimizer():
+    from functools import partial
+
+    from vitlab.optim import warmup_cosine
+
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.SGD([param], lr=1.0)
+    schedule = warmup_cosine(opt, total_steps=100, warmup_steps=10, warmup_start_factor=0.1)
+    rates = []
+    for _ in range(12):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(0.1) and rates[10] == pytest.approx(1.0) and rates[5] < 1.0
+    # Longer than the run: cut to the run less one step.
+    warmup_cosine(torch.optim.SGD([param], lr=1.0), total_steps=4, warmup_steps=10_000)
+    with pytest.raises(ValueError, match="scheduler.warmup_steps=-1 must be"):
+        warmup_cosine(opt, total_steps=10, warmup_steps=-1)
+
+    # Gradient clipping under bf16-mixed with the fused AdamW of conf/optimizer/adamw.yaml.
+    import lightning as L
+
+    from vitlab.models import SimpleViT
+    from vitlab.module import ImageClassifier
+
+    net = SimpleViT(image_size=8, channels=1, num_classes=2, patch_size=4, dim=16, depth=1, heads=2, dim_head=8,
+                    mlp_dim=16)
+    module = ImageClassifier(net=net, num_classes=2, optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(2, (8,)))
+    trainer = L.Trainer(max_steps=2, gradient_clip_val=1.0, precision="bf16-mixed", accelerator="cpu",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.global_step == 2

@@ -41,9 +41,8 @@ PLAIN = ("data.train_crop=center", "data.hflip=false", "data.mean=[0.5,0.5,0.5]"
 
 
 def shards_overrides(root) -> tuple[str, ...]:
-    # data.num_classes is given until config.py registers ${vitlab.shard_classes:...} (the
-    # resolver itself is tested below).
-    return ("data=shards", f"data.root={root}", "data.num_classes=3")
+    # data.num_classes comes from the shards' vitlab.json (${vitlab.shard_classes:...}).
+    return ("data=shards", f"data.root={root}")
 
 
 class SigtermAt(L.Callback):
@@ -194,6 +193,12 @@ def test_epochs_are_shuffled_from_the_seed_and_each_worker_reads_its_own_samples
         orders.setdefault(seed, []).append(epochs)
     assert orders[0][0] == orders[0][1], "the order is a function of the seed"
     assert orders[0][0][0] != orders[1][0][0]
+    # Evaluation: every sample once, in batches that do not divide the split, across workers.
+    dm = datamodule(shards, num_workers=2, eval_batch_size=5)
+    dm.setup("validate")
+    val = [digest(dm.val_set[i][0]) for i in range(96)]
+    loader = dm.val_dataloader()
+    assert len(loader) == 20 and sorted(epoch_digests(loader)) == sorted(val), "none left out, none twice"
 
 
 def test_bad_sample_stops_naming_its_file_or_is_replaced(tmp_path, caplog):
@@ -252,10 +257,12 @@ def test_sigterm_mid_epoch_resumes_to_the_same_result(shards, tmp_path, data_dir
 def test_ddp_ranks_and_workers_read_each_sample_once_and_eval_predict_take_the_checkpoint(
         photos, shards, tmp_path, data_dir, monkeypatch, capsys):
     """trainer=ddp with 2 CPU processes of 2 loader workers each: in every epoch the samples
-    trained on are the dataset, no duplicates, none missing (96 = 2 ranks x 6 batches of 8)."""
+    trained on are the dataset, no duplicates, none missing (96 = 2 ranks x 6 batches of 8).
+    Evaluation in batches of 20: 2 batches on rank 0, 3 on rank 1 (the remainder)."""
     seen = tmp_path / "seen"
     run_entry("vitlab.train", *shards_overrides(shards), *TINY, *PLAIN, "trainer=ddp", "trainer.devices=2",
-              "data.batch_size=8", "data.num_workers=2", "trainer.max_epochs=2", "callbacks.model_checkpoint.monitor=null",
+              "data.batch_size=8", "data.eval_batch_size=20", "data.num_workers=2", "trainer.max_epochs=2",
+              "callbacks.model_checkpoint.monitor=null",
               "+callbacks.seen._target_=test_shards.SeenSamples", f"+callbacks.seen.path={seen}", "name=ddp",
               cwd=tmp_path, data_dir=data_dir, env={"PYTHONPATH": str(TESTS)})
     reference = datamodule(shards, train_crop="center", hflip=False)

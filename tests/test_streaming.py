@@ -199,3 +199,27 @@ def test_sigterm_mid_epoch_resumes_to_the_same_result(path, tmp_path, data_dir):
     assert cut["status"] == "completed" and cut["global_step"] == whole["global_step"] == 2 * steps
     assert (cut["test/acc"], cut["test/loss"]) == (whole["test/acc"], whole["test/loss"])
     assert all(torch.equal(weights["whole"][k], weights["cut"][k]) for k in weights["whole"])
+
+
+def test_decoding_on_the_device_trains_as_decoding_in_workers(tmp_path, data_dir):
+    """data.decode_on=device (meant for nvJPEG on a GPU) decodes each batch in the main process
+    on the training device, here the CPU: the same decoder and the same seeded crops as the
+    workers, so the same run; a broken file is skipped there too (dropped from its batch)."""
+    root = make_image_folder(tmp_path / "photos", per_class=6)
+    common = ["data=imagefolder", f"data.root={root}", "data.image_size=16", "data.in_memory=false",
+              "data.num_workers=1", "data.batch_size=4", "trainer.max_epochs=1", "trainer.deterministic=true",
+              "trainer.enable_progress_bar=false", "model.dim=32", "model.depth=1", "model.heads=2",
+              "model.dim_head=16", "model.mlp_dim=64", "logger=csv", "torch_threads=1"]
+    metrics = {}
+    for where in ("workers", "device"):
+        run_entry("vitlab.train", *common, f"data.decode_on={where}", f"name={where}", cwd=tmp_path, data_dir=data_dir)
+        metrics[where] = json.loads((tmp_path / "outputs" / "runs" / where / "metrics.json").read_text())
+    assert metrics["device"]["status"] == "completed"
+    assert (metrics["device"]["test/acc"], metrics["device"]["test/loss"]) == \
+        (metrics["workers"]["test/acc"], metrics["workers"]["test/loss"])
+    broken = root / "train" / "owl" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    run_entry("vitlab.train", *common, "data.decode_on=device", "data.on_bad_file=skip", "name=skip", cwd=tmp_path,
+              data_dir=data_dir)
+    skipped = json.loads((tmp_path / "outputs" / "runs" / "skip" / "metrics.json").read_text())
+    assert skipped["status"] == "completed" and skipped["skipped_file_names"] == [str(broken)]

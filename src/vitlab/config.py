@@ -34,6 +34,15 @@ def class_folders(root: str | None) -> int | None:
     return sum(1 for entry in os.scandir(train) if entry.is_dir() and not entry.name.startswith(".")) or None
 
 
+def shard_classes(root, storage_options=None):
+    """Number of classes of the shards at ``root``, from their ``vitlab.json``
+    (``${vitlab.shard_classes:${data.root},${data.storage_options}}``), or null if unreadable:
+    the shards datamodule then says what is wrong."""
+    from vitlab.data.shards import shard_classes as count
+
+    return count(root, storage_options)
+
+
 def first_set(*values):
     """The first value that is not null (``${vitlab.first:${name},default}``)."""
     return next((v for v in values if v is not None), None)
@@ -80,7 +89,7 @@ def register_resolvers() -> None:
 
     resolvers = (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname), ("vitlab.first", first_set),
                  ("vitlab.threads_per_job", threads_per_job), ("vitlab.div", exact_div),
-                 ("vitlab.class_folders", class_folders))
+                 ("vitlab.class_folders", class_folders), ("vitlab.shard_classes", shard_classes))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

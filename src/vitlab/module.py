@@ -103,7 +103,12 @@ class ImageClassifier(L.LightningModule):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameter_groups())
+        options = {}
+        if self.trainer.gradient_clip_val and getattr(self.optimizer_factory, "keywords", {}).get("fused"):
+            # A fused step unscales gradients itself, so Lightning cannot clip them first under
+            # mixed precision: clipping takes the plain (foreach) step.
+            options["fused"] = False
+        optimizer = self.optimizer_factory(self.parameter_groups(), **options)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))

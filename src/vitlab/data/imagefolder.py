@@ -32,8 +32,8 @@ from torchvision.io import read_file
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages
 from vitlab.data.errors import DataError
-from vitlab.data.loading import BAD_FILE_POLICIES, collate_samples, read_sample
-from vitlab.data.transforms import RESIZE_MODES, BadImageError, SampleTransform, decode, resize_to
+from vitlab.data.loading import BAD_FILE_POLICIES, collate_encoded, collate_samples, index_of, read_sample, seed_of
+from vitlab.data.transforms import DECODE_ON, RESIZE_MODES, BadImageError, SampleTransform, decode, decode_batch, resize_to
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,39 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class FileList(Sequence):
+    """``(path, label)`` pairs of one split, held as two numpy arrays (byte-string paths and
+    int64 labels) rather than a list of Python objects: about a fifth of the memory, and forked
+    workers share the pages instead of copying them as reference counts change."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: Sequence[int]):
+        self.paths = np.array([os.fsencode(p) for p in paths]) if len(paths) else np.array([], dtype="S1")
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, index: int) -> Path:
+        return Path(os.fsdecode(self.paths[index]))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.path(index), int(self.labels[index])
+
+
 class ImageFileDataset(Dataset):
     """Labelled image files read per sample: ``dataset[key] -> (image, label, skipped)``.
 
-    Paths are one numpy byte-string array (not a list of Python objects), so forked workers
-    share it instead of copying it page by page as reference counts change.
+    The files are a ``FileList`` (numpy arrays), shared by forked workers.
     """
 
-    def __init__(self, files: Sequence[tuple[Path, int]], channels: int, transform, on_bad_file: str = "error"):
-        self.paths = np.array([os.fsencode(path) for path, _ in files])
-        self.labels = np.array([label for _, label in files], dtype=np.int64)
+    def __init__(self, files: Sequence[tuple[Path, int]], channels: int, transform, on_bad_file: str = "error",
+                 decode_on: str = "workers"):
+        files = files if isinstance(files, FileList) else FileList([p for p, _ in files], [lb for _, lb in files])
+        self.paths, self.labels = files.paths, files.labels
         self.channels, self.transform, self.on_bad_file = channels, transform, on_bad_file
+        self.decode_on = decode_on
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,6 +123,15 @@ class ImageFileDataset(Dataset):
         return self.transform(read_image(self.path(index), self.channels), seed), int(self.labels[index])
 
     def __getitem__(self, key):
+        if self.decode_on == "device":
+            # The file's bytes only: decoded and transformed on the training device, per batch.
+            # Plain bytes: they travel from the workers pickled, not as shared-memory tensors.
+            index = index_of(key)
+            try:
+                data = Path(self.path(index)).read_bytes()
+            except OSError as err:
+                raise BadImageError(f"{self.path(index)} cannot be read ({err}): check or replace the file.") from None
+            return data, int(self.labels[index]), seed_of(key), index
         return read_sample(self._read, key, len(self), self.on_bad_file)
 
 
@@ -145,6 +176,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         hflip: bool = True,
         crop_pct: float = 0.875,
         on_bad_file: str = "error",
+        decode_on: str = "workers",
         num_workers: int | None = None,
         **kwargs,
     ):
@@ -158,6 +190,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             raise ValueError(f"data.in_memory={in_memory} is not one of auto, true, false.")
         if on_bad_file not in BAD_FILE_POLICIES:
             raise ValueError(f"data.on_bad_file={on_bad_file} is not one of {list(BAD_FILE_POLICIES)}.")
+        if decode_on not in DECODE_ON:
+            raise ValueError(f"data.decode_on={decode_on} is not one of {list(DECODE_ON)}.")
         if memory_budget_gb is not None and not memory_budget_gb > 0:
             raise ValueError(f"data.memory_budget_gb={memory_budget_gb} must be positive (null: a quarter of RAM).")
         self.root = self._check_root(root)
@@ -172,6 +206,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.resize = resize
         self.on_bad_file = on_bad_file
         self.streaming = self._choose_streaming(in_memory, memory_budget_gb, image_size, channels)
+        self.decode_on = decode_on if self.streaming else "workers"
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1) if self.streaming else 0
         super().__init__(
@@ -186,7 +221,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             **kwargs,
         )
         if self.streaming:
-            self.collate_fn = collate_samples
+            self.collate_fn = collate_encoded if self.decode_on == "device" else collate_samples
             options = dict(resize=resize, crop_pct=crop_pct, scale=scale, ratio=ratio, train_crop=train_crop)
             self.train_transform = SampleTransform(image_size, train=True, hflip=hflip, **options)
             self.eval_transform = SampleTransform(image_size, train=False, **options)
@@ -219,7 +254,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                 raise DataError(f"data.root={path} has no {split}/ folder: an image folder needs {layout}.")
         return path
 
-    def _scan(self) -> dict[str, list[tuple[Path, int]]]:
+    def _scan(self) -> dict[str, FileList]:
         """``{split: [(file, label), ...]}``, checking that every class folder holds images and
         that all splits have the same classes."""
         classes = class_folders(self.root / "train")
@@ -227,7 +262,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             raise DataError(
                 f"{self.root / 'train'} has no class folders: put the images of each class in train/<class>/."
             )
-        files: dict[str, list[tuple[Path, int]]] = {}
+        files: dict[str, FileList] = {}
         for split in ("train", "val", "test"):
             split_dir = self.root / split
             if not split_dir.is_dir():
@@ -240,7 +275,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                     f"the class folders of {split_dir} differ from those of train/: {'; '.join(parts)}. "
                     f"Every split needs the same class folders."
                 )
-            files[split] = []
+            paths, labels = [], []
             for label, name in enumerate(classes):
                 images = image_files(split_dir / name)
                 if not images:
@@ -248,7 +283,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                         f"{split_dir / name} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}): "
                         f"add images or remove the class folder from every split."
                     )
-                files[split] += [(path, label) for path in images]
+                paths += images
+                labels += [label] * len(images)
+            files[split] = FileList(paths, labels)
         return files
 
     def _decode(self, split: str) -> InMemoryImages:
@@ -274,7 +311,31 @@ class ImageFolderDataModule(InMemoryImageDataModule):
 
     def _stream(self, split: str) -> ImageFileDataset:
         transform = self.train_transform if split == "train" else self.eval_transform
-        return ImageFileDataset(self.files[split], self.channels, transform, self.on_bad_file)
+        return ImageFileDataset(self.files[split], self.channels, transform, self.on_bad_file, self.decode_on)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``decode_on=device``: decode the batch's files on the training device and crop
+        them there (the same seeded transforms as in the workers); an undecodable file stops the
+        run or, with ``on_bad_file=skip``, leaves the batch."""
+        if self.decode_on != "device" or self.trainer is None:
+            return batch
+        encoded, labels, seeds, indices = batch
+        trainer = self.trainer
+        split = "train" if trainer.training else "test" if trainer.testing else "val"
+        dataset = getattr(self, f"{split}_set")
+        transform = self.train_transform if trainer.training else self.eval_transform
+        names = [dataset.path(int(i)) for i in indices]
+        images = decode_batch(encoded, self.channels, trainer.strategy.root_device, names)
+        kept, skipped = [], []
+        for image, index, seed in zip(images, indices.tolist(), seeds.tolist()):
+            if isinstance(image, BadImageError):
+                if self.on_bad_file != "skip":
+                    raise image
+                skipped.append(index)
+                continue
+            kept.append((transform(image, seed if seed >= 0 else None), len(kept) + len(skipped)))
+        keep = torch.tensor([position for _, position in kept], dtype=torch.long)
+        return torch.stack([image for image, _ in kept]), labels[keep], skipped
 
     def _split(self, split: str):
         return self._stream(split) if self.streaming else self._decode(split)

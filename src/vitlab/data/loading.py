@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 
@@ -140,5 +139,9 @@ def collate_samples(samples: Sequence[tuple[torch.Tensor, int, list[int]]]):
     return images, labels, [i for s in samples for i in s[2]]
 
 
-def steps_per_epoch(samples: int, batch_size: int, world: int = 1) -> int:
-    return math.ceil(math.ceil(samples / world) / batch_size)
+def collate_encoded(samples: Sequence[tuple[torch.Tensor, int, int | None, int]]):
+    """``(encoded files, labels (B,), seeds (B,), indices (B,))`` for ``decode_on=device``: the
+    datamodule decodes the files on the device before the batch is moved there."""
+    return ([s[0] for s in samples], torch.tensor([int(s[1]) for s in samples], dtype=torch.long),
+            torch.tensor([-1 if s[2] is None else int(s[2]) for s in samples], dtype=torch.long),
+            torch.tensor([int(s[3]) for s in samples], dtype=torch.long))

@@ -21,6 +21,11 @@ The per-image decode and crop/flip are those of the streaming image folder
 in the shards. The training loader's position in the epoch travels in Lightning's checkpoints
 (``StreamingDataLoader.state_dict``), so a run stopped in the middle of an epoch resumes with
 the batches the uninterrupted run would have drawn.
+
+Beyond LitData's public API this module relies on ``ChunkedIndex`` and a dataset's
+``worker_intervals`` (replacing an unreadable sample within its chunk) and on
+``litdata.streaming.downloader._OBSTORE_INIT_PID`` (plain-http S3 endpoints); the tests of
+``on_bad_file=skip`` and of S3 fail if they change.
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ def is_remote(root: str) -> bool:
 
 
 def join(root: str, *parts: str) -> str:
-    return "/".join([str(root).rstrip("/"), *parts]) if is_remote(root) else str(Path(str(root)).expanduser().joinpath(*parts))
+    if is_remote(root):
+        return "/".join([str(root).rstrip("/"), *parts])
+    return str(Path(str(root)).expanduser().joinpath(*parts))
 
 
 def _s3_client(storage_options: Mapping[str, Any] | None):
@@ -107,7 +114,8 @@ def _s3_error(url: str, err: Exception) -> DataError:
 def _missing(err: Exception) -> bool:
     import botocore.exceptions as bx
 
-    return isinstance(err, bx.ClientError) and err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")
+    code = err.response.get("Error", {}).get("Code") if isinstance(err, bx.ClientError) else None
+    return code in ("NoSuchKey", "404", "NotFound")
 
 
 def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -159,7 +167,8 @@ def use_sdk_for_plain_http(storage_options: Mapping[str, Any] | None = None) -> 
     without ``allow_http``, so an ``http://`` endpoint (a local S3-compatible server, MinIO
     without TLS) fails with "BadScheme"; its boto3 path works. For such an endpoint, mark
     obstore unusable in this process (and the workers it forks), which sends LitData's
-    transfers through boto3. The only private name used here (tested in tests/test_shards.py)."""
+    transfers through boto3. LitData's one private name used here (tests/test_shards.py fails if
+    it goes away)."""
     endpoint = ((storage_options or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL") or "")
     if not str(endpoint).startswith("http://"):
@@ -186,7 +195,8 @@ def read_meta(root: str | None, storage_options: Mapping[str, Any] | None = None
     except FileNotFoundError:
         raise DataError(f"data.root={root} has no {META_FILE}: it is not (or not yet completely) {LAYOUT}.") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{where} is not valid JSON ({err}): write the shards again with python -m vitlab.prepare.") from None
+        raise DataError(f"{where} is not valid JSON ({err}): write the shards again with "
+                        f"python -m vitlab.prepare.") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not meta.get("classes"):
         raise DataError(f"{where} does not describe vitlab shards: write them with python -m vitlab.prepare.")
     splits = meta.get("splits") or {}
@@ -257,7 +267,8 @@ def sources(datamodule) -> dict[str, FileSamples | TensorSamples]:
     """The samples of each split of a vitlab datamodule: files for image folders, PNG-encoded
     pixels for the datasets held in memory."""
     if isinstance(datamodule, ShardsDataModule):
-        raise DataError(f"data.root={datamodule.root} already holds shards: copy the folder instead of writing it again.")
+        raise DataError(f"data.root={datamodule.root} already holds shards: copy the folder instead of "
+                        f"writing it again.")
     if isinstance(datamodule, ImageFolderDataModule):
         return {split: FileSamples(files, datamodule.root) for split, files in datamodule.files.items()}
     datamodule.prepare_data()
@@ -414,7 +425,8 @@ class ShardsDataModule(InMemoryImageDataModule):
 
     Under DDP LitData gives every rank the same number of whole training batches, so each epoch
     leaves out the last ``len(train) mod (world size x batch size)`` samples (another few each
-    epoch, as the chunks are reshuffled). Evaluation reads every sample once across the ranks.
+    epoch, as the chunks are reshuffled). Evaluation reads every sample once across the ranks
+    (no padding), the last rank taking the remainder.
     """
 
     #: Read per sample in loader workers (``vitlab.predict`` then resizes as evaluation did).
@@ -549,6 +561,28 @@ class ShardsDataModule(InMemoryImageDataModule):
             self._loader_state = None
         self._train_loader = loader
         return loader
+
+    def _eval_batch_size(self, split: str) -> int:
+        """Under DDP the ranks read every evaluation sample once, the last rank the remainder,
+        so they may take different numbers of batches; each must take at least one (its first
+        forward pass joins the others in DDP's buffer broadcast): the batch is capped at
+        ``len(split) // world size``."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        size = self.splits[split]
+        if world == 1 or size // world >= self.eval_batch_size:
+            return self.eval_batch_size
+        if size < world:
+            raise ValueError(f"the {split} split of {self.root} has {size} samples, fewer than the {world} DDP "
+                             f"processes: write more samples into it, or evaluate with fewer devices.")
+        log.info(f"{split}: batches of {size // world} (not data.eval_batch_size={self.eval_batch_size}) so that each "
+                 f"of the {world} processes evaluates at least one")
+        return size // world
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return self._streaming_loader(self.val_set, self._eval_batch_size("val"))
+
+    def test_dataloader(self) -> StreamingDataLoader:
+        return self._streaming_loader(self.test_set, self._eval_batch_size(self.test_split))
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the training loader's position in the epoch (LitData's

@@ -15,18 +15,20 @@ epoch is cropped the same way with any number of workers, and after a resume.
 from __future__ import annotations
 
 import io
+import math
+import random
 from collections.abc import Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from vitlab.data.errors import DataError
 
 TRAIN_CROPS = ("random_resized", "center")
 RESIZE_MODES = ("crop", "stretch")
+DECODE_ON = ("workers", "device")
 
 
 class BadImageError(DataError):
@@ -58,6 +60,33 @@ def decode(data: bytes | bytearray | memoryview | torch.Tensor, channels: int, n
     return image
 
 
+def decode_batch(encoded: Sequence[bytes | torch.Tensor], channels: int, device: torch.device | str,
+                 names: Sequence[str]) -> list[torch.Tensor | BadImageError]:
+    """A batch of encoded images decoded on ``device`` (nvJPEG on a CUDA device, in one call):
+    uint8 ``(channels, H, W)`` tensors there, or a ``BadImageError`` for each image that cannot be
+    decoded. Images that are not JPEG, or that the batched decoder refuses, are decoded one by
+    one on the CPU (``decode``) and moved."""
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) if not isinstance(data, torch.Tensor) else data
+               for data in encoded]
+    jpeg = [i for i, data in enumerate(encoded) if len(data) > 2 and data[0] == 0xFF and data[1] == 0xD8]
+    out: list = [None] * len(encoded)
+    if jpeg:
+        try:
+            decoded = decode_jpeg([encoded[i] for i in jpeg], mode=mode, device=device, apply_exif_orientation=True)
+            for i, image in zip(jpeg, decoded):
+                out[i] = image
+        except RuntimeError:
+            pass  # one bad file fails the whole call: decode them one by one below
+    for i, data in enumerate(encoded):
+        if out[i] is None:
+            try:
+                out[i] = decode(data, channels, name=names[i]).to(device)
+            except BadImageError as err:
+                out[i] = err
+    return out
+
+
 def resize_to(image: torch.Tensor, size: int, resize: str = "crop") -> torch.Tensor:
     """``crop``: shorter side to ``size``, then the centre square; ``stretch``: both sides."""
     if resize == "stretch":
@@ -81,6 +110,26 @@ def check_transform_options(*, image_size: int, train_crop: str, scale: Sequence
         raise ValueError(f"data.image_size={image_size} must be positive.")
 
 
+def inception_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                  rng: random.Random) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop covering ``scale`` of the area with an aspect ratio
+    (w / h) drawn log-uniformly from ``ratio`` (Szegedy et al. 2015): ten draws, then the
+    largest centred box whose ratio is in range."""
+    area = height * width
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target, aspect = area * rng.uniform(scale[0], scale[1]), math.exp(rng.uniform(low, high))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class SampleTransform:
     """The per-image transform of one split: ``transform(image_uint8, seed) -> (C, S, S) uint8``.
 
@@ -91,6 +140,7 @@ class SampleTransform:
     - evaluation: the shorter side to ``image_size / crop_pct``, the centre ``image_size``
       square (``resize=stretch``: both sides to ``image_size``, nothing cut).
 
+    The crop and flip are drawn from ``random.Random(seed)`` (no seed: from torch's generator).
     Picklable, so DataLoader workers receive it.
     """
 
@@ -100,13 +150,9 @@ class SampleTransform:
         check_transform_options(image_size=image_size, train_crop=train_crop, scale=scale, crop_pct=crop_pct,
                                 resize=resize)
         self.image_size, self.train, self.resize, self.crop_pct = image_size, train, resize, crop_pct
-        steps: list = []
-        if train and train_crop == "random_resized":
-            steps.append(v2.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True))
-        if train and hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.random = v2.Compose(steps) if steps else None
-        self.crop_first = not (train and train_crop == "random_resized")
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.random_crop = train and train_crop == "random_resized"
+        self.hflip = train and hflip
 
     def evaluation_resize(self, image: torch.Tensor) -> torch.Tensor:
         size = self.image_size
@@ -115,19 +161,18 @@ class SampleTransform:
         return F.center_crop(F.resize(image, [round(size / self.crop_pct)], antialias=True), [size, size])
 
     def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        if self.crop_first:
+        if not (self.random_crop or self.hflip):
+            return self.evaluation_resize(image).contiguous()
+        rng = random.Random(seed if seed is not None else int(torch.randint(2**62, ())))
+        if self.random_crop:
+            top, left, h, w = inception_box(image.shape[-2], image.shape[-1], self.scale, self.ratio, rng)
+            image = F.resized_crop(image, top, left, h, w, [self.image_size, self.image_size], antialias=True)
+        else:
             image = self.evaluation_resize(image)
-        if self.random is not None:
-            if seed is None:
-                image = self.random(image)
-            else:
-                # torchvision draws its parameters from torch's global generator: seed it for this
-                # sample only, and leave the process's own stream as it was.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    image = self.random(image)
+        if self.hflip and rng.random() < 0.5:
+            image = F.horizontal_flip(image)
         return image.contiguous()
 
     def __repr__(self) -> str:
-        steps = ["evaluation resize"] if self.crop_first else []
-        return f"SampleTransform({', '.join(steps + [repr(self.random)] if self.random else steps)})"
+        crop = f"inception crop {self.scale} {self.ratio}" if self.random_crop else f"resize ({self.resize})"
+        return f"SampleTransform({self.image_size}, {crop}, hflip={self.hflip})"
