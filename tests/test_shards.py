@@ -223,7 +223,7 @@ def test_bad_sample_stops_naming_its_file_or_is_replaced(tmp_path, caplog):
             lenient.note_skipped(skipped)
         assert list(lenient.skipped_files.values()) == skipped
         runs.append(torch.cat([images for images, _, _ in batches]))
-    assert "skipped an unreadable sample (data.on_bad_file=skip): train/dog/broken.jpg" in caplog.text
+    assert "skipped an unreadable file (data.on_bad_file=skip): train/dog/broken.jpg" in caplog.text
     assert torch.equal(runs[0], runs[1]), "the replacement is drawn from the sample's seed"
 
 

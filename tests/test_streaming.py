@@ -4,6 +4,7 @@ memory and streaming)."""
 
 import json
 import logging
+import random
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from imagegen import make_image_folder, write_image
 from test_checkpoint import last_logged_step
 from vitlab.data.imagefolder import ImageFileDataset, ImageFolderDataModule
 from vitlab.data.loading import EpochSampler, ResumePoint, collate_samples, read_sample, sample_seed
-from vitlab.data.transforms import BadImageError, SampleTransform, decode
+from vitlab.data.transforms import BadImageError, SampleTransform, decode, inception_box
 
 
 def datamodule(root, **kwargs):
@@ -64,6 +65,13 @@ def test_transforms_give_the_configured_shape_and_are_functions_of_the_seed(tmp_
     assert torch.equal(evaluation(image, 1), evaluation(image, 2))
     gray = decode((tmp_path / "a.jpg").read_bytes(), 1)
     assert gray.shape == (1, 50, 90)
+    # The Inception crop's boxes lie inside the image, with area and aspect in range.
+    rng = random.Random(0)
+    for _ in range(500):
+        top, left, h, w = inception_box(300, 400, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top <= 300 - h and 0 <= left <= 400 - w
+        assert 0.08 - 0.01 <= h * w / 120_000 <= 1.0 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    assert inception_box(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), rng) == (0, 493, 10, 13), "fallback: centred"
 
 
 def test_streaming_batches_are_the_same_with_any_number_of_workers(folder):
@@ -151,9 +159,10 @@ def test_bad_file_stops_or_is_skipped_in_a_run(folder, tmp_path, data_dir):
     assert metrics["skipped_files"] == 1 and metrics["skipped_file_names"] == [str(broken)]
 
 
-def interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at):
-    """Run uninterrupted, and again stopped by SIGTERM after ``cut_at`` logged steps and re-run:
-    the two runs' metrics.json and final weights."""
+def interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at, sig=signal.SIGTERM):
+    """Run uninterrupted, and again stopped by ``sig`` after ``cut_at`` logged steps and re-run:
+    the two runs' metrics.json and final weights. SIGTERM saves where it stopped; after SIGKILL
+    the re-run starts from the last end-of-epoch checkpoint."""
     run_entry("vitlab.train", *overrides, "name=whole", cwd=tmp_path, data_dir=data_dir)
     run = tmp_path / "outputs" / "runs" / "cut"
     env = {**__import__("os").environ, "VITLAB_DATA_DIR": str(data_dir)}
@@ -162,11 +171,14 @@ def interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at):
     deadline = time.time() + 300
     while last_logged_step(run / "csv" / "metrics.csv") < cut_at and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait() == 143
+    proc.send_signal(sig)
+    assert proc.wait() == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert steps < saved["global_step"] < 2 * steps, f"stopped in the middle of epoch 2 ({saved['global_step']})"
-    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    if sig == signal.SIGTERM:
+        assert steps < saved["global_step"] < 2 * steps, f"stopped in the middle of epoch 2 ({saved['global_step']})"
+        assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    else:
+        assert saved["global_step"] == steps and last_logged_step(run / "csv" / "metrics.csv") > steps
     run_entry("vitlab.train", *overrides, "name=cut", cwd=tmp_path, data_dir=data_dir)
     runs = tmp_path / "outputs" / "runs"
     metrics = {name: json.loads((runs / name / "metrics.json").read_text()) for name in ("whole", "cut")}
@@ -180,11 +192,14 @@ RESUME = ["trainer.max_epochs=2", "trainer.limit_val_batches=1", "trainer.limit_
           "+logger.csv.flush_logs_every_n_steps=1", "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("path", ["in_memory", "streaming"])
-def test_sigterm_mid_epoch_resumes_to_the_same_result(path, tmp_path, data_dir):
-    """trainer.deterministic=true: stopped by SIGTERM in the middle of epoch 2 and re-run, a run
-    ends with the test metrics and weights of an uninterrupted one: the resumed epoch draws the
-    batches (and on-device augmentations) the uninterrupted epoch drew after that step."""
+@pytest.mark.parametrize("path, sig", [("in_memory", signal.SIGTERM), ("streaming", signal.SIGTERM),
+                                       ("streaming", signal.SIGKILL)],
+                         ids=["in_memory-sigterm", "streaming-sigterm", "streaming-sigkill"])
+def test_stopped_mid_epoch_resumes_to_the_same_result(path, sig, tmp_path, data_dir):
+    """trainer.deterministic=true: stopped by SIGTERM (or killed) in the middle of epoch 2 and
+    re-run, a run ends with the test metrics and weights of an uninterrupted one: the resumed
+    epoch draws the batches (and augmentations) the uninterrupted epoch drew after that step.
+    (SIGKILL of an in-memory run: tests/test_checkpoint.py.)"""
     if path == "in_memory":
         steps = 40
         overrides = [*SLICE, *RESUME, f"trainer.limit_train_batches={steps}", "data.batch_size=32"]
@@ -194,7 +209,7 @@ def test_sigterm_mid_epoch_resumes_to_the_same_result(path, tmp_path, data_dir):
         overrides = [*RESUME, "data=imagefolder", f"data.root={root}", "data.image_size=16", "data.in_memory=false",
                      "data.num_workers=2", "data.batch_size=4", "augment=randaugment", "model.dim=32", "model.depth=1",
                      "model.heads=2", "model.dim_head=16", "model.mlp_dim=64"]
-    metrics, weights = interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at=steps + steps // 3)
+    metrics, weights = interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at=steps + steps // 3, sig=sig)
     whole, cut = metrics["whole"], metrics["cut"]
     assert cut["status"] == "completed" and cut["global_step"] == whole["global_step"] == 2 * steps
     assert (cut["test/acc"], cut["test/loss"]) == (whole["test/acc"], whole["test/loss"])

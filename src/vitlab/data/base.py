@@ -147,17 +147,18 @@ class InMemoryImageDataModule(L.LightningDataModule):
         std = self.std.to(images.device)
         return (images.float().div_(255) - mean) / std
 
-    def describe_file(self, index: int, split: str) -> str:
-        """How a skipped sample is named in the log (subclasses: its file)."""
-        return f"{split} sample {index}"
+    def describe_file(self, item, split: str) -> str:
+        """How a skipped sample (as the batch reports it: an index, or a name) is named in the
+        log and in metrics.json (subclasses: its file)."""
+        return f"{split} sample {item}"
 
-    def note_skipped(self, indices: Sequence[int]) -> None:
+    def note_skipped(self, items: Sequence) -> None:
         trainer = self.trainer
         split = "train" if trainer is None or trainer.training else "test" if trainer.testing else "val"
-        for index in indices:
-            key = f"{split}:{index}"
+        for item in items:
+            key = f"{split}:{item}"
             if key not in self.skipped_files:
-                self.skipped_files[key] = self.describe_file(int(index), split)
+                self.skipped_files[key] = self.describe_file(item, split)
                 log.warning(f"skipped an unreadable file (data.on_bad_file=skip): {self.skipped_files[key]}")
 
     def state_dict(self) -> dict:

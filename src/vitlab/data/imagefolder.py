@@ -340,9 +340,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
     def _split(self, split: str):
         return self._stream(split) if self.streaming else self._decode(split)
 
-    def describe_file(self, index: int, split: str) -> str:
+    def describe_file(self, item, split: str) -> str:
         dataset = getattr(self, f"{split}_set", None)
-        return dataset.path(index) if isinstance(dataset, ImageFileDataset) else f"{split} sample {index}"
+        return dataset.path(int(item)) if isinstance(dataset, ImageFileDataset) else f"{split} sample {item}"
 
     @property
     def test_split(self) -> str:

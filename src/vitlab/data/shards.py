@@ -603,11 +603,5 @@ class ShardsDataModule(InMemoryImageDataModule):
         super().load_state_dict(state_dict)
         self._loader_state = state_dict.get("train_loader")
 
-    def note_skipped(self, names: Sequence[str]) -> None:
-        trainer = self.trainer
-        split = "train" if trainer is None or trainer.training else "test" if trainer.testing else "val"
-        for name in names:
-            key = f"{split}:{name}"
-            if key not in self.skipped_files:
-                self.skipped_files[key] = name
-                log.warning(f"skipped an unreadable sample (data.on_bad_file=skip): {name}")
+    def describe_file(self, item, split: str) -> str:
+        return str(item)  # shards report a skipped sample by its stored name
