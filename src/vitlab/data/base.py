@@ -176,7 +176,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
             self.note_skipped(skipped[0])
         training = self.trainer is not None and self.trainer.training
         if training:
-            self.resume.took_batch(self.trainer.current_epoch)
+            self.resume.took_batch(getattr(self.trainer, "current_epoch", 0))
         if self.augment is not None and training:
             return self.augment(images, labels, self.normalize)
         return self.normalize(images), labels

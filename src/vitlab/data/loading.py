@@ -101,8 +101,8 @@ def train_loader(dataset, *, batch_size: int, seed: int, trainer, resume: Resume
                  num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
     """A resumable training loader over ``dataset`` (an ``EpochSampler``). Under DDP the
     sampler is given the trainer's world size and rank."""
-    world = trainer.world_size if trainer is not None else 1
-    rank = trainer.global_rank if trainer is not None else 0
+    # A datamodule used without a Trainer (a benchmark, a test): one process.
+    world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
     sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank, resume=resume, batch_size=batch_size)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
