@@ -159,31 +159,33 @@ def test_bad_file_stops_or_is_skipped_in_a_run(folder, tmp_path, data_dir):
     assert metrics["skipped_files"] == 1 and metrics["skipped_file_names"] == [str(broken)]
 
 
-def interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at, sig=signal.SIGTERM):
-    """Run uninterrupted, and again stopped by ``sig`` after ``cut_at`` logged steps and re-run:
-    the two runs' metrics.json and final weights. SIGTERM saves where it stopped; after SIGKILL
-    the re-run starts from the last end-of-epoch checkpoint."""
-    run_entry("vitlab.train", *overrides, "name=whole", cwd=tmp_path, data_dir=data_dir)
-    run = tmp_path / "outputs" / "runs" / "cut"
-    env = {**__import__("os").environ, "VITLAB_DATA_DIR": str(data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "vitlab.train", *overrides, "name=cut"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while last_logged_step(run / "csv" / "metrics.csv") < cut_at and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    assert proc.wait() == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
-    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    if sig == signal.SIGTERM:
-        assert steps < saved["global_step"] < 2 * steps, f"stopped in the middle of epoch 2 ({saved['global_step']})"
-        assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
-    else:
-        assert saved["global_step"] == steps and last_logged_step(run / "csv" / "metrics.csv") > steps
-    run_entry("vitlab.train", *overrides, "name=cut", cwd=tmp_path, data_dir=data_dir)
+def interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at, signals):
+    """Run uninterrupted, and again for each signal: stopped by it after ``cut_at`` logged steps
+    and re-run. SIGTERM saves where it stopped; after SIGKILL the re-run starts from the last
+    end-of-epoch checkpoint. The runs' metrics.json and final weights, by run name."""
     runs = tmp_path / "outputs" / "runs"
-    metrics = {name: json.loads((runs / name / "metrics.json").read_text()) for name in ("whole", "cut")}
+    run_entry("vitlab.train", *overrides, "name=whole", cwd=tmp_path, data_dir=data_dir)
+    env = {**__import__("os").environ, "VITLAB_DATA_DIR": str(data_dir)}
+    for sig in signals:
+        run = runs / sig.name
+        proc = subprocess.Popen([sys.executable, "-m", "vitlab.train", *overrides, f"name={sig.name}"], cwd=tmp_path,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while last_logged_step(run / "csv" / "metrics.csv") < cut_at and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        assert proc.wait() == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+        saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        if sig == signal.SIGTERM:
+            assert steps < saved["global_step"] < 2 * steps, f"stopped in the middle of epoch 2 ({saved['global_step']})"
+            assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+        else:
+            assert saved["global_step"] == steps and last_logged_step(run / "csv" / "metrics.csv") > steps
+        run_entry("vitlab.train", *overrides, f"name={sig.name}", cwd=tmp_path, data_dir=data_dir)
+    names = ["whole", *(sig.name for sig in signals)]
+    metrics = {name: json.loads((runs / name / "metrics.json").read_text()) for name in names}
     weights = {name: torch.load(runs / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-               for name in ("whole", "cut")}
+               for name in names}
     return metrics, weights
 
 
@@ -192,49 +194,56 @@ RESUME = ["trainer.max_epochs=2", "trainer.limit_val_batches=1", "trainer.limit_
           "+logger.csv.flush_logs_every_n_steps=1", "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("path, sig", [("in_memory", signal.SIGTERM), ("streaming", signal.SIGTERM),
-                                       ("streaming", signal.SIGKILL)],
-                         ids=["in_memory-sigterm", "streaming-sigterm", "streaming-sigkill"])
-def test_stopped_mid_epoch_resumes_to_the_same_result(path, sig, tmp_path, data_dir):
-    """trainer.deterministic=true: stopped by SIGTERM (or killed) in the middle of epoch 2 and
-    re-run, a run ends with the test metrics and weights of an uninterrupted one: the resumed
-    epoch draws the batches (and augmentations) the uninterrupted epoch drew after that step.
-    (SIGKILL of an in-memory run: tests/test_checkpoint.py.)"""
+@pytest.mark.parametrize("path", ["in_memory", "streaming"])
+def test_stopped_mid_epoch_resumes_to_the_same_result(path, tmp_path, data_dir):
+    """trainer.deterministic=true: stopped by SIGTERM (and, streamed, killed) in the middle of
+    epoch 2 and re-run, a run ends with the test metrics and weights of an uninterrupted one:
+    the resumed epoch draws the batches (and augmentations) the uninterrupted epoch drew after
+    that step. (SIGKILL of an in-memory run: tests/test_checkpoint.py.)"""
     if path == "in_memory":
-        steps = 40
+        steps, signals = 40, [signal.SIGTERM]
         overrides = [*SLICE, *RESUME, f"trainer.limit_train_batches={steps}", "data.batch_size=32"]
     else:
         root = make_image_folder(tmp_path / "photos", per_class=40)
-        steps = 30  # 120 training images in batches of 4
+        steps, signals = 30, [signal.SIGTERM, signal.SIGKILL]  # 120 training images in batches of 4
         overrides = [*RESUME, "data=imagefolder", f"data.root={root}", "data.image_size=16", "data.in_memory=false",
                      "data.num_workers=2", "data.batch_size=4", "augment=randaugment", "model.dim=32", "model.depth=1",
                      "model.heads=2", "model.dim_head=16", "model.mlp_dim=64"]
-    metrics, weights = interrupted_and_whole(tmp_path, data_dir, overrides, steps, cut_at=steps + steps // 3, sig=sig)
-    whole, cut = metrics["whole"], metrics["cut"]
-    assert cut["status"] == "completed" and cut["global_step"] == whole["global_step"] == 2 * steps
-    assert (cut["test/acc"], cut["test/loss"]) == (whole["test/acc"], whole["test/loss"])
-    assert all(torch.equal(weights["whole"][k], weights["cut"][k]) for k in weights["whole"])
+    metrics, weights = interrupted_and_whole(tmp_path, data_dir, overrides, steps, steps + steps // 3, signals)
+    whole = metrics["whole"]
+    for sig in signals:
+        cut = metrics[sig.name]
+        assert cut["status"] == "completed" and cut["global_step"] == whole["global_step"] == 2 * steps
+        assert (cut["test/acc"], cut["test/loss"]) == (whole["test/acc"], whole["test/loss"]), sig.name
+        assert all(torch.equal(weights["whole"][k], weights[sig.name][k]) for k in weights["whole"]), sig.name
 
 
-def test_decoding_on_the_device_trains_as_decoding_in_workers(tmp_path, data_dir):
-    """data.decode_on=device (meant for nvJPEG on a GPU) decodes each batch in the main process
-    on the training device, here the CPU: the same decoder and the same seeded crops as the
-    workers, so the same run; a broken file is skipped there too (dropped from its batch)."""
-    root = make_image_folder(tmp_path / "photos", per_class=6)
-    common = ["data=imagefolder", f"data.root={root}", "data.image_size=16", "data.in_memory=false",
-              "data.num_workers=1", "data.batch_size=4", "trainer.max_epochs=1", "trainer.deterministic=true",
-              "trainer.enable_progress_bar=false", "model.dim=32", "model.depth=1", "model.heads=2",
-              "model.dim_head=16", "model.mlp_dim=64", "logger=csv", "torch_threads=1"]
-    metrics = {}
+def test_decoding_on_the_device_gives_the_batches_of_the_workers(folder, tmp_path, data_dir):
+    """data.decode_on=device (meant for nvJPEG on a GPU): the workers only read the files and
+    each batch is decoded in the main process on the training device, here the CPU, with the
+    same decoder and seeded crops, so the batches equal the workers'; a broken file is dropped
+    from its batch and counted, in a real run."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(training=True, testing=False, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    batches = {}
     for where in ("workers", "device"):
-        run_entry("vitlab.train", *common, f"data.decode_on={where}", f"name={where}", cwd=tmp_path, data_dir=data_dir)
-        metrics[where] = json.loads((tmp_path / "outputs" / "runs" / where / "metrics.json").read_text())
-    assert metrics["device"]["status"] == "completed"
-    assert (metrics["device"]["test/acc"], metrics["device"]["test/loss"]) == \
-        (metrics["workers"]["test/acc"], metrics["workers"]["test/loss"])
-    broken = root / "train" / "owl" / "broken.jpg"
+        dm = datamodule(folder, in_memory=False, decode_on=where, num_workers=1, mean=[0.5] * 3, std=[0.25] * 3)
+        dm.setup("fit")
+        dm.trainer = trainer
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(3)
+        batches[where] = [dm.on_before_batch_transfer(batch, 0) for batch in loader]
+    assert len(batches["device"]) == len(batches["workers"]) == 3
+    for (a, la, _), (b, lb, _) in zip(batches["workers"], batches["device"]):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+    broken = folder / "train" / "owl" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    run_entry("vitlab.train", *common, "data.decode_on=device", "data.on_bad_file=skip", "name=skip", cwd=tmp_path,
-              data_dir=data_dir)
+    run_entry("vitlab.train", "data=imagefolder", f"data.root={folder}", "data.image_size=16", "data.in_memory=false",
+              "data.num_workers=1", "data.batch_size=4", "data.decode_on=device", "data.on_bad_file=skip",
+              "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "model.dim=32", "model.depth=1",
+              "model.heads=2", "model.dim_head=16", "model.mlp_dim=64", "logger=csv", "torch_threads=1", "name=skip",
+              cwd=tmp_path, data_dir=data_dir)
     skipped = json.loads((tmp_path / "outputs" / "runs" / "skip" / "metrics.json").read_text())
     assert skipped["status"] == "completed" and skipped["skipped_file_names"] == [str(broken)]
