@@ -152,9 +152,14 @@ class InMemoryImageDataModule(L.LightningDataModule):
         log and in metrics.json (subclasses: its file)."""
         return f"{split} sample {item}"
 
-    def note_skipped(self, items: Sequence) -> None:
+    @property
+    def current_split(self) -> str:
+        """The split the trainer is reading now: ``train``, ``val`` or ``test``."""
         trainer = self.trainer
-        split = "train" if trainer is None or trainer.training else "test" if trainer.testing else "val"
+        return "train" if trainer is None or trainer.training else "test" if trainer.testing else "val"
+
+    def note_skipped(self, items: Sequence) -> None:
+        split = self.current_split
         for item in items:
             key = f"{split}:{item}"
             if key not in self.skipped_files:

@@ -321,8 +321,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             return batch
         encoded, labels, seeds, indices = batch
         trainer = self.trainer
-        split = "train" if trainer.training else "test" if trainer.testing else "val"
-        dataset = getattr(self, f"{split}_set")
+        dataset = getattr(self, f"{self.current_split}_set")
         transform = self.train_transform if trainer.training else self.eval_transform
         names = [dataset.path(int(i)) for i in indices]
         images = decode_batch(encoded, self.channels, trainer.strategy.root_device, names)
