@@ -41,10 +41,10 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from vitlab.config import CONFIG_DIR
+from vitlab.config import CONFIG_MODULE, register_resolvers
 from vitlab.models import SimpleViT, flops_per_image
 from vitlab.train import compile_network
 
@@ -101,7 +101,8 @@ class Contender:
 
 
 def compose_cfg(overrides: list[str], out_dir: str):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+    register_resolvers()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     cfg.paths.output_dir = out_dir
     return cfg

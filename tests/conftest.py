@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from vitlab.config import register_resolvers
+
+# What every entry point does before Hydra composes: the in-process tests compose too.
+register_resolvers()
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "conf"
 

@@ -17,13 +17,12 @@ import pytest
 import torch
 
 from conftest import SLICE, run_entry
+from vitlab.callbacks import rng_states, set_rng_states
 from vitlab.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     check_compatible,
     load_checkpoint,
-    rng_states,
-    set_rng_states,
 )
 from vitlab.models import SimpleViT
 from vitlab.module import ImageClassifier

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import SLICE, run_entry
-from vitlab.data import CIFAR10DataModule, CIFAR100DataModule, DataError
+from vitlab.data import CIFAR10DataModule, CIFAR100DataModule
+from vitlab.errors import DataError
 from vitlab.data.cifar import load_pickle
 
 

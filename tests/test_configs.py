@@ -9,11 +9,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-import vitlab.config  # noqa: F401  (registers the resolvers)
 from conftest import CONFIG_DIR
 from imagegen import make_image_folder
 
-GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra" and p.name[0] != "_")
 
 
 def options(group):

@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from vitlab.data import DataError, FashionMNISTDataModule, MNISTDataModule, SyntheticDataModule, read_idx
+from vitlab.data import FashionMNISTDataModule, MNISTDataModule, SyntheticDataModule, read_idx
+from vitlab.errors import DataError
 
 STATS = dict(image_size=28, channels=1, num_classes=10, mean=[0.286], std=[0.353])
 

@@ -10,7 +10,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import vitlab.config  # noqa: F401  (registers the resolvers)
 from conftest import CONFIG_DIR, SLICE, run_entry
 from vitlab.callbacks import EMA
 from vitlab.config import instantiate_dict

@@ -6,6 +6,7 @@ The entry point runs in this process (tests/inprocess.py): every case fails befo
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,21 @@ def test_bad_ckpt_path_stops_before_training(tmp_path, run_train, kind, fragment
     recorded = json.loads(metrics.read_text())
     assert recorded["status"] == "failed" and "global_step" not in recorded
     assert not (metrics.parent / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override", ["trainer.max_epochs=0", "trainer.max_steps=0"])
+def test_a_run_that_trains_nothing_is_refused_before_anything_is_built(tmp_path, run_train, override):
+    result = run_train(*SLICE, override)
+    assert_short_failure(result, f"error: ValueError: {override} trains nothing: set it above 0",
+                         "python -m vitlab.eval ckpt_path=")
+    assert not list(tmp_path.glob("outputs/runs/*/*/metrics.json")), "nothing is recorded as a run"
+
+
+def test_user_error_keeps_its_traceback_in_the_log_file(tmp_path, run_train):
+    result = run_train(*SLICE, "model.patch_size=5")
+    assert_short_failure(result, "error: ValueError: model.patch_size=5", "(traceback in ")
+    log = Path(result.stderr.split("(traceback in ")[1].split(")")[0])
+    assert log.name == "train.log" and "Traceback (most recent call last)" in log.read_text()
 
 
 def test_resume_into_a_folder_trained_with_other_settings(tmp_path, run_train):

@@ -149,6 +149,32 @@ def test_test_hflip_averages_the_probabilities_of_each_image_and_its_mirror():
         torch.testing.assert_close(module.predict_step(images, 0), expected)
 
 
+@pytest.mark.parametrize("test_hflip", [False, True])
+def test_confusion_matrix_counts_what_the_test_accuracy_counts(test_hflip):
+    """The confusion matrix (and so per-class accuracy) comes from the predictions that
+    test/acc scores: with the flip, those of the averaged probabilities, not of the mirror."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vitlab.eval import ConfusionMatrix
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))  # not mirror-symmetric
+    module = ImageClassifier(net=net, num_classes=4, optimizer=None, test_hflip=test_hflip)
+    images, labels = torch.randn(256, 1, 8, 8), torch.randint(0, 4, (256,))
+    with torch.no_grad():
+        predicted = module.test_logits(images).argmax(-1)
+        assert not torch.equal(predicted, net(images.flip(-1)).argmax(-1)), "the mirror alone must predict otherwise"
+    confusion = ConfusionMatrix(4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[confusion], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    results = trainer.test(module, dataloaders=DataLoader(TensorDataset(images, labels), batch_size=64))[0]
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected.index_put_((labels, predicted), torch.ones(256, dtype=torch.long), accumulate=True)
+    assert torch.equal(confusion.matrix, expected)
+    assert confusion.matrix.trace().item() / 256 == pytest.approx(results["test/acc"])
+
+
 def test_eval_tests_with_the_flip_on_request_and_as_the_run_was_trained(image_run, data_dir, tmp_path, monkeypatch,
                                                                         capsys):
     work, _, ckpt = image_run

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from imagegen import make_image_folder, write_image
 from vitlab.config import class_folders
-from vitlab.data import DataError
+from vitlab.errors import DataError
 from vitlab.data.imagefolder import ImageFolderDataModule, list_images, load_image, pixel_statistics
 
 

@@ -12,7 +12,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import vitlab.config  # noqa: F401  (registers the resolvers)
 from conftest import run_entry, CONFIG_DIR
 from imagegen import write_image
 

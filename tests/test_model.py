@@ -52,20 +52,34 @@ def test_no_weight_decay_names_embeddings_only():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (dict(patch_size=5), "model.patch_size=5 does not divide the image size 28: choose a patch size from [1, 2, 4, 7, 14, 28]"),
-        (dict(dim=30), "model.dim=30 is not a multiple of 4"),
-        (dict(depth=0), "model.depth=0 must be a positive integer"),
-        (dict(heads=-2), "model.heads=-2 must be a positive integer"),
-        (dict(dim=2.5), "model.dim=2.5 must be a positive integer"),
-        (dict(pool="max"), "model.pool='max' is not one of mean, cls"),
-        (dict(pos_emb="rope"), "model.pos_emb='rope' is not one of sincos2d, learned, none"),
-        (dict(attention="flash"), "model.attention='flash' is not one of math, sdpa, auto"),
+        (dict(patch_size=5), "patch_size=5 does not divide image_size=28: choose a patch size from [1, 2, 4, 7, 14, 28]"),
+        (dict(dim=30), "dim=30 is not a multiple of 4"),
+        (dict(depth=0), "depth=0 must be a positive integer"),
+        (dict(heads=-2), "heads=-2 must be a positive integer"),
+        (dict(dim=2.5), "dim=2.5 must be a positive integer"),
+        (dict(pool="max"), "pool='max' is not one of mean, cls"),
+        (dict(pos_emb="rope"), "pos_emb='rope' is not one of sincos2d, learned, none"),
+        (dict(attention="flash"), "attention='flash' is not one of math, sdpa, auto"),
     ],
 )
 def test_invalid_configs_fail_at_construction(overrides, fragment):
     with pytest.raises(ValueError) as info:
         make(**overrides)
     assert fragment in str(info.value)
+    assert "model." not in str(info.value), "the model speaks of its own arguments, not of config keys"
+
+
+def test_config_layer_names_the_config_keys():
+    from omegaconf import OmegaConf
+
+    from vitlab.config import instantiate_model
+
+    node = OmegaConf.create({"_target_": "vitlab.models.SimpleViT", "image_size": 28, "patch_size": 5, "num_classes": 10,
+                             "dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64, "channels": 1, "dim_head": 16})
+    with pytest.raises(ValueError) as info:
+        instantiate_model(node)
+    assert str(info.value).startswith("model.patch_size=5 does not divide model.image_size=28: choose a patch size")
+    assert str(info.value).endswith("(model.image_size follows data.image_size.)")
 
 
 def test_dim_not_multiple_of_four_is_fine_without_sincos():
@@ -114,6 +128,18 @@ def test_parameter_and_flop_counts():
     # Two matmul FLOPs per weight per token is the bulk; attention adds a little.
     per_token_weights = 2 * (32 * 96 + 32 * 32 + 2 * 32 * 64)
     assert 2 * 16 * per_token_weights < flops < 4 * 16 * per_token_weights
+
+
+def test_flops_of_a_compiled_network_are_counted_without_compiling():
+    model = make()
+    eager = flops_per_image(model, 28, 1)
+    model.compile()
+
+    def compiled_call(*args, **kwargs):
+        raise AssertionError("counting FLOPs ran the compiled network")
+
+    model._compiled_call_impl = compiled_call
+    assert flops_per_image(model, 28, 1) == eager
 
 
 # --- Recipe knobs: head initialisation, dropout, stochastic depth --------------------------
@@ -190,14 +216,13 @@ def test_stochastic_depth_rises_linearly_and_drops_per_sample():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (dict(dropout=1.0), "model.dropout=1.0 is not a probability in [0, 1): use 0 to turn it off"),
-        (dict(drop_path=-0.1), "model.drop_path=-0.1 is not a probability in [0, 1)"),
-        (dict(drop_path="0.1"), "model.drop_path='0.1' is not a probability in [0, 1)"),
-        (dict(dropout=True), "model.dropout=True is not a probability in [0, 1)"),
-        (dict(head_init="normal"), "model.head_init='normal' is not one of xavier, zero"),
-        (dict(patch_size=16), "model.patch_size=16 does not divide the image size 28: choose a patch size from "
-                              "[1, 2, 4, 7, 14, 28], or images whose side is a multiple of 16 "
-                              "(model.image_size comes from the data config: data.image_size)"),
+        (dict(dropout=1.0), "dropout=1.0 is not a probability in [0, 1): use 0 to turn it off"),
+        (dict(drop_path=-0.1), "drop_path=-0.1 is not a probability in [0, 1)"),
+        (dict(drop_path="0.1"), "drop_path='0.1' is not a probability in [0, 1)"),
+        (dict(dropout=True), "dropout=True is not a probability in [0, 1)"),
+        (dict(head_init="normal"), "head_init='normal' is not one of xavier, zero"),
+        (dict(patch_size=16), "patch_size=16 does not divide image_size=28: choose a patch size from "
+                              "[1, 2, 4, 7, 14, 28], or images whose side is a multiple of 16."),
     ],
 )
 def test_invalid_recipe_knobs_fail_at_construction(overrides, fragment):

@@ -10,7 +10,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import vitlab.config  # noqa: F401  (registers the resolvers)
 from conftest import CONFIG_DIR, run_entry
 from vitlab.models import count_parameters, flops_per_image
 
@@ -107,7 +106,7 @@ def test_every_field_stays_overridable():
 def test_224_preset_on_28px_data_fails_in_one_line(tmp_path, data_dir):
     result = run_entry("vitlab.train", "model=vit_s", "torch_threads=1", cwd=tmp_path, data_dir=data_dir, check=False)
     assert result.returncode == 1
-    assert ("error: ValueError: model.patch_size=16 does not divide the image size 28: choose a patch size from "
-            "[1, 2, 4, 7, 14, 28], or images whose side is a multiple of 16 (model.image_size comes from the data "
-            "config: data.image_size).\n") in result.stderr
+    assert ("error: ValueError: model.patch_size=16 does not divide model.image_size=28: choose a patch size from "
+            "[1, 2, 4, 7, 14, 28], or images whose side is a multiple of 16. (model.image_size follows "
+            "data.image_size.)\n") in result.stderr
     assert "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from conftest import CONFIG_DIR, run_entry
 from imagegen import make_image_folder
 from inprocess import assert_short_failure, run_in_process
-from vitlab.data.errors import DataError
+from vitlab.errors import DataError
 from vitlab.data.imagefolder import ImageFolderDataModule
 from vitlab.data.shards import META_FILE, ShardsDataModule, shard_classes, write_shards
 from vitlab.data.synthetic import make_images

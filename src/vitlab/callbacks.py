@@ -1,12 +1,17 @@
-"""Callbacks that add what Lightning does not log by itself, and an EMA of the weights."""
+"""Callbacks that add what Lightning does not log or save by itself (throughput, a checkpoint on
+SIGTERM, the random generators' states), and an EMA of the weights."""
 
 from __future__ import annotations
 
 import os
+import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -65,6 +70,41 @@ class CheckpointOnSigterm(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
+
+
+def rng_states() -> dict[str, Any]:
+    """States of the torch, CUDA, numpy and Python generators, as tensors and plain values (so
+    they load with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class RNGState(L.Callback):
+    """The random generators' states as the callback's state in every checkpoint, restored
+    before the first batch of a resumed fit, so it continues with the data order and
+    augmentation draws of an uninterrupted run."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            set_rng_states(state_dict["rng"])
 
 
 class EMA(WeightAveraging):

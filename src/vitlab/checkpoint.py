@@ -7,37 +7,29 @@
 - ``ckpt_path`` is checked before training: it exists, it is a checkpoint, and it comes from
   a model with the same configuration as the one being built (mismatching fields are named).
 - ``RunInfo`` adds what eval and predict need to every checkpoint (the model and data
-  config, class names, normalisation statistics) and the random number generators' states, so
-  a resumed run draws the same data order and augmentations as an uninterrupted one.
+  config, class names, normalisation statistics); ``vitlab.callbacks.RNGState`` adds the random
+  generators' states.
 """
 
 from __future__ import annotations
 
 import pickle
-import random
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from vitlab.errors import CheckpointError, UnsafeCheckpointError
 
 #: Key of the run's own description inside a checkpoint.
 RUN_INFO_KEY = "vitlab"
 #: Model fields that may differ between a checkpoint and the model it is loaded into: how the
 #: network runs (kernel, compilation), how it was initialised, and training-only regularisers.
 FREE_FIELDS = frozenset({"attention", "compile", "head_init", "dropout", "drop_path"})
-
-
-class CheckpointError(ValueError):
-    """A ``ckpt_path`` the user can fix: not a checkpoint, unsafe, or from another model."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file asks to import and call code when loaded."""
 
 
 def load_checkpoint(path: str | Path, name: str = "ckpt_path") -> dict[str, Any]:
@@ -156,43 +148,14 @@ def check_targets(node: Any, where: str, allowed: tuple[str, ...] = ("vitlab.",)
             check_targets(value, where, allowed)
 
 
-def rng_states() -> dict[str, Any]:
-    """States of the torch, CUDA, numpy and Python generators, as tensors and plain values (so
-    they load with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 class RunInfo(L.Callback):
-    """Writes the run's description into every checkpoint and restores the random generators
-    on resume.
-
-    ``checkpoint["vitlab"]`` holds the resolved ``model`` and ``data`` config, the class names,
-    the normalisation statistics and the image shape: what ``vitlab.eval`` and
-    ``vitlab.predict`` need, travelling with the file. The generators' states are the
-    callback's own state (saved where it is saved, restored before the first batch), so a run
-    resumed from an end-of-epoch checkpoint continues with the data order and augmentation
-    draws of an uninterrupted one.
-    """
+    """Writes the run's description into every checkpoint: ``checkpoint["vitlab"]`` holds the
+    resolved ``model`` and ``data`` config, the class names, the normalisation statistics and
+    the image shape, what ``vitlab.eval`` and ``vitlab.predict`` need, travelling with the file."""
 
     def __init__(self, cfg: DictConfig, datamodule: L.LightningDataModule):
         self.cfg = cfg
@@ -212,21 +175,13 @@ class RunInfo(L.Callback):
             "std": [float(v) for v in torch.as_tensor(dm.std).flatten()] if hasattr(dm, "std") else None,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng_states()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "rng" in state_dict:
-            set_rng_states(state_dict["rng"])
-
 
 def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip: bool | None = None
                           ) -> tuple[L.LightningModule, dict[str, Any]]:
     """The LightningModule a checkpoint was trained as, with its weights, and the run's
     description (``RunInfo``). ``test_hflip`` overrides the run's own test-time flip
     (``module.test_hflip``); None keeps it."""
-    import hydra
-
+    from vitlab.config import instantiate_model
     from vitlab.module import ImageClassifier
 
     checkpoint = load_checkpoint(path, name)
@@ -238,7 +193,7 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
             f"in its run folder): keep it in its run folder (<run>/checkpoints/) beside the run's config.yaml."
         )
     check_targets(model_cfg, f"{name}={path}: model")
-    net = hydra.utils.instantiate(model_cfg)
+    net = instantiate_model(model_cfg)
     if test_hflip is None:
         # How the run tested (module.test_hflip) travels in Lightning's saved hyperparameters.
         test_hflip = (checkpoint.get("hyper_parameters") or {}).get("test_hflip", False)

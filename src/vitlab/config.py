@@ -1,5 +1,6 @@
-"""Config helpers shared by the entry points: OmegaConf resolvers and instantiation of
-dict-of-objects groups (callbacks, loggers)."""
+"""Config helpers shared by the entry points: where the configs are, vitlab's OmegaConf
+resolvers (registered by the entry points, ``register_resolvers``), and instantiation of the
+model and of dict-of-objects groups (callbacks, loggers)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-#: The repository's ``conf/`` (entry points pass it to ``hydra.main``).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from vitlab.errors import failure_reason
+
+#: The configs, shipped in the package (``conf/`` of the repository); entry points pass it to
+#: ``hydra.main``, scripts to ``hydra.initialize_config_module``.
+CONFIG_MODULE = "vitlab.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
 
 def auto_precision() -> str:
@@ -85,6 +91,8 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
 
 
 def register_resolvers() -> None:
+    """Make ``${vitlab.*:...}`` known to OmegaConf; every entry point calls it before Hydra
+    composes its config (importing this module registers nothing)."""
     from vitlab.sweep import job_dirname
 
     resolvers = (("vitlab.precision", auto_precision), ("vitlab.job_dirname", job_dirname), ("vitlab.first", first_set),
@@ -103,4 +111,17 @@ def instantiate_dict(node: DictConfig | None) -> list:
     return [hydra.utils.instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-register_resolvers()
+def instantiate_model(node: DictConfig | dict) -> torch.nn.Module:
+    """The network of the ``model`` config. The model names its arguments (``patch_size=5``);
+    here they become the config keys the user sets (``model.patch_size=5``)."""
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as error:
+        root = failure_reason(error)[0]
+        if not isinstance(root, ValueError):
+            raise
+        fields = "|".join(re.escape(str(key)) for key in node if not str(key).startswith("_"))
+        message = re.sub(rf"(?<![\w.])({fields})=", r"model.\1=", str(root)) if fields else str(root)
+        if "image_size" in message:
+            message += " (model.image_size follows data.image_size.)"
+        raise ValueError(message) from None

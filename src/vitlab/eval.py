@@ -25,35 +25,30 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from vitlab.checkpoint import check_targets, model_from_checkpoint
-from vitlab.config import CONFIG_DIR, quote_path_overrides
-from vitlab.rundir import METRICS_FILE, failure_reason, write_json
+from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
+from vitlab.errors import entry_point
+from vitlab.rundir import METRICS_FILE, write_json
 
 log = logging.getLogger(__name__)
+register_resolvers()
 
 
 class ConfusionMatrix(L.Callback):
     """Confusion matrix of the test run (rows: true class, columns: predicted), from the logits
-    the LightningModule computes anyway (a forward hook), so nothing runs twice."""
+    each test step scored (its output), so it counts exactly what ``test/acc`` counts."""
 
     def __init__(self, num_classes: int):
         self.metric = MulticlassConfusionMatrix(num_classes=num_classes)
         self.matrix: torch.Tensor | None = None
-        self._logits: torch.Tensor | None = None
-        self._hook = None
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        self._hook = pl_module.register_forward_hook(self._keep)
-
-    def _keep(self, module, args, output) -> None:
-        self._logits = output
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.metric.update(self._logits.float(), batch[1])
+        self.metric.update(outputs.float(), batch[1])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._hook.remove()
         self.matrix = self.metric.compute().cpu()
 
 
@@ -171,23 +166,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def run_entry_point(fn, cfg: DictConfig) -> Any:
-    """Run ``fn(cfg)``; a mistake the user can fix ends with one line and exit status 1."""
-    from vitlab.train import USER_ERRORS
-
-    try:
-        return fn(cfg)
-    except Exception as error:
-        root, reason = failure_reason(error)
-        if isinstance(root, USER_ERRORS):
-            print(f"error: {reason}", file=sys.stderr)
-            sys.exit(1)
-        raise
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    run_entry_point(evaluate, cfg)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

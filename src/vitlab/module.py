@@ -51,7 +51,8 @@ class ImageClassifier(L.LightningModule):
         probs = self(images).float().softmax(-1) + self(images.flip(-1)).float().softmax(-1)
         return (probs / 2).log()
 
-    def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+    def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and the logits that were scored."""
         images, targets = batch
         logits = self.test_logits(images) if stage == "test" else self(images)
         # Label smoothing is a training regulariser; val/test report the plain loss.
@@ -67,13 +68,13 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels),
                  sync_dist=not train)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         # Both parameter groups follow one schedule: log it once, as train/lr.
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/lr", lr, on_step=True, on_epoch=False)
-        loss = self._shared_step(batch, "train", self.train_acc)
+        loss, _ = self._shared_step(batch, "train", self.train_acc)
         if not torch.isfinite(loss):
             # Stop here rather than train on garbage; the run is recorded as failed.
             raise FloatingPointError(
@@ -85,8 +86,10 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_acc)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test", self.test_acc)
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        # The scored logits (with test_hflip, of the averaged probabilities), for callbacks
+        # that count per class.
+        return self._shared_step(batch, "test", self.test_acc)[1]
 
     def predict_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # Predictions are made as the run tests: with test_hflip, from the averaged probabilities.

@@ -14,21 +14,19 @@ import csv
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
-import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vitlab.checkpoint import model_from_checkpoint
-from vitlab.config import CONFIG_DIR, quote_path_overrides
+from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
 from vitlab.data.imagefolder import ImageFilesDataModule, list_images
 from vitlab.data.transforms import SampleTransform
-from vitlab.eval import run_entry_point
+from vitlab.errors import entry_point
 
 log = logging.getLogger(__name__)
+register_resolvers()
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -73,9 +71,10 @@ def predict(cfg: DictConfig) -> Path:
     return output
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    run_entry_point(predict, cfg)
+    predict(cfg)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vitlab.config import CONFIG_DIR, quote_path_overrides
+from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
 from vitlab.data.shards import is_remote, write_shards
-from vitlab.eval import run_entry_point
+from vitlab.errors import entry_point
 
 log = logging.getLogger(__name__)
+register_resolvers()
 
 
 def prepare(cfg: DictConfig) -> dict:
@@ -41,9 +42,10 @@ def prepare(cfg: DictConfig) -> dict:
     return meta
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prepare")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    run_entry_point(prepare, cfg)
+    prepare(cfg)
 
 
 if __name__ == "__main__":

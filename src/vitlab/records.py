@@ -1,5 +1,13 @@
-"""What a run leaves behind besides checkpoints and event files: ``metrics.json``, the
-resolved ``config.yaml``, and the TensorBoard HParams entry with real final metrics."""
+"""A training run's record, kept by one object: ``metrics.json`` (status, figures, learning
+curves), the resolved ``config.yaml``, the TensorBoard HParams row and ``curves.png``.
+
+``with RunRecord(cfg, output_dir) as record:`` opens the record with status ``running`` and
+closes it ``completed``, ``failed`` (the one-line reason and the traceback) or
+``interrupted``. In the trainer's callbacks it adds what the fit shows as it goes: the
+per-epoch history, the best checkpoint, throughput, the data read and the test metrics.
+``metrics.json`` is rewritten whole at each step, so it is true at every moment, and a failure
+never removes checkpoints already written.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.callbacks import Throughput
+from vitlab.errors import failure_reason
 from vitlab.models import count_parameters, flops_per_image
-from vitlab.rundir import LAST_CHECKPOINT, METRICS_FILE, failure_reason, write_json
+from vitlab.rundir import LAST_CHECKPOINT, METRICS_FILE, read_metrics, write_json
 
 #: Config sections whose fields all go into the HParams table (``_target_`` shortened).
 HPARAM_SECTIONS = ("model", "optimizer", "scheduler", "module")
 #: Single fields that go in as well.
 HPARAM_FIELDS = ("seed", "data.batch_size", "trainer.max_epochs", "trainer.precision")
+#: Epoch-level metrics kept in ``metrics.json["history"]``, beside the epoch's mean training loss.
+HISTORY_KEYS = ("train/acc", "val/loss", "val/acc", "train/lr")
 
 
 def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
@@ -47,26 +59,23 @@ def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[
     return {k: ("none" if v is None else v) for k, v in flat.items()}
 
 
-class RunRecord:
-    """Keeps ``metrics.json`` in the run folder true at every moment.
+class RunRecord(L.Callback):
+    """The owner of a training run's ``metrics.json``: a context manager around the run and a
+    callback in its trainer. Under DDP every process holds one; rank 0 writes."""
 
-    ``status`` is ``running`` from the start, ``fitted`` between fit and test, then
-    ``completed``, ``failed`` (with the one-line reason and the traceback) or ``interrupted``;
-    a failure never removes checkpoints already written.
-    """
-
-    def __init__(self, cfg: DictConfig, output_dir: str | Path, previous: dict | None = None):
+    def __init__(self, cfg: DictConfig, output_dir: str | Path):
         self.cfg = cfg
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # A resumed run counts the wall time of its earlier attempts too.
-        self.start = time.time() - float((previous or {}).get("wall_time_s", 0.0))
-        self.payload: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "tags": list(cfg.get("tags") or [])}
-        # Under DDP every process runs this; one writes (Lightning's rank from the environment).
+        #: What an earlier attempt in this folder recorded (a re-run resumes or skips it).
+        self.previous = read_metrics(self.dir) if cfg.get("resume") else {}
+        self.payload: dict[str, Any] = {}
         self.writer = rank_zero_only.rank == 0
-        if self.writer:
-            OmegaConf.save(cfg, self.dir / "config.yaml", resolve=True)
-        self.save()
+        self.trainer: L.Trainer | None = None
+        self._loss_sum, self._losses = None, 0
+
+    @property
+    def completed(self) -> bool:
+        return self.previous.get("status") == "completed"
 
     @property
     def last_checkpoint(self) -> str | None:
@@ -75,25 +84,78 @@ class RunRecord:
         return str(last) if last.is_file() else None
 
     def save(self) -> None:
-        if not self.writer:
-            return
-        self.payload["wall_time_s"] = round(time.time() - self.start, 3)
-        write_json(self.dir / METRICS_FILE, self.payload)
+        if self.writer:
+            self.payload["wall_time_s"] = round(time.time() - self.start, 3)
+            write_json(self.dir / METRICS_FILE, self.payload)
 
-    def describe_model(self, net, image_size: int, channels: int) -> None:
-        self.payload["params"] = count_parameters(net)
-        self.payload["flops_per_image"] = flops_per_image(net, image_size, channels)
+    # -- the run ----------------------------------------------------------------------------
+
+    def __enter__(self) -> RunRecord:
+        # A resumed run counts the wall time of its earlier attempts too.
+        self.start = time.time() - float(self.previous.get("wall_time_s", 0.0))
+        self.payload = {"status": "running", "seed": self.cfg.get("seed"), "tags": list(self.cfg.get("tags") or []),
+                        "history": list(self.previous.get("history") or [])}
+        if self.writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
+        self.save()
+        return self
+
+    def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
+        """Parameters and FLOPs per image, counted on the eager network."""
+        self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels))
         self.save()
 
-    def fail(self, error: BaseException) -> None:
-        root, reason = failure_reason(error)
-        status = "interrupted" if isinstance(root, SIGTERMException) else "failed"
-        self.payload.update(status=status, error=reason, traceback=traceback.format_exc())
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is not None:
+            root, reason = failure_reason(error)
+            status = "interrupted" if isinstance(root, (SIGTERMException, KeyboardInterrupt)) else "failed"
+            self.payload.update(status=status, error=reason,
+                                traceback="".join(traceback.format_exception(kind, error, tb)))
+        elif self.trainer is not None and self.trainer.interrupted:
+            self.payload["status"] = "interrupted"
+        else:
+            self.payload["status"] = "completed"
+        if self.trainer is not None:
+            self._record_data(self.trainer.datamodule)
+        self.save()
+        if error is None and self.writer and self.trainer is not None:
+            self._log_hparams()
+            from vitlab.plots import plot_run_curves  # matplotlib only once the run is over
+
+            plot_run_curves(self.dir)
+        return False
+
+    # -- the trainer's hooks ----------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.trainer = trainer
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed fit restarts at the checkpoint's epoch: later epochs of the history go.
+        self.payload["history"] = [h for h in self.payload["history"] if h.get("epoch", 0) <= trainer.current_epoch]
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loss_sum, self._losses = None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):  # summed on the device: no sync per step
+            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+            self._losses += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        entry: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+        if self._losses:
+            entry["train/loss"] = float(self._loss_sum) / self._losses
+        metrics = trainer.callback_metrics
+        entry.update({key: float(metrics[key]) for key in HISTORY_KEYS if key in metrics})
+        self.payload["history"].append(entry)
         self.save()
 
-    def fitted(self, trainer: L.Trainer) -> None:
-        """Record the fit; called before testing, which restores the checkpoint callback's
-        state from the best checkpoint."""
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The fit's figures, before testing restores the checkpoint callback from the best
+        checkpoint."""
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_score", None)
         throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
@@ -106,10 +168,16 @@ class RunRecord:
             last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
             train_images_per_s=round(throughput.images_per_s, 1) if throughput and throughput.images_per_s else None,
         )
-        self.record_data(trainer.datamodule)
+        self._record_data(trainer.datamodule)
         self.save()
 
-    def record_data(self, datamodule) -> None:
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.payload.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        self.save()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _record_data(self, datamodule) -> None:
         """How the data was read, and the unreadable files skipped (``data.on_bad_file=skip``)."""
         if hasattr(datamodule, "streaming"):
             self.payload["data_streaming"] = bool(datamodule.streaming)
@@ -119,48 +187,18 @@ class RunRecord:
             if skipped:
                 self.payload["skipped_file_names"] = sorted(set(skipped.values()))[:1000]
 
-    def finish(self, trainer: L.Trainer, test_metrics: dict[str, float]) -> dict[str, Any]:
-        if self.payload["status"] != "interrupted":
-            self.payload["status"] = "completed"
-        self.payload.update({key: float(value) for key, value in test_metrics.items()})
-        self.record_data(trainer.datamodule)
-        self.save()
-        if not self.writer:
-            return self.payload
-        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tensorboard is not None:
-            self._log_hparams(tensorboard)
-            tensorboard.experiment.flush()
-        self._plot_curves(tensorboard, trainer.global_step)
-        return self.payload
-
-    def _log_hparams(self, logger: TensorBoardLogger) -> None:
-        """The HParams tab's row: hyperparameters with best val/acc and test metrics.
-
-        Logged under ``hp/*`` tags at the end of the run, so the table shows final figures
-        rather than Lightning's ``hp_metric`` placeholder.
-        """
-        metrics = {
-            "hp/best_val_acc": self.payload.get("best_val_acc"),
-            "hp/test_acc": self.payload.get("test/acc"),
-            "hp/test_loss": self.payload.get("test/loss"),
-        }
+    def _log_hparams(self) -> None:
+        """The HParams tab's row: hyperparameters with best val/acc and test metrics, logged
+        under ``hp/*`` at the end of the run, so the table shows final figures rather than
+        Lightning's ``hp_metric`` placeholder."""
+        tensorboard = next((lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        metrics = {"hp/best_val_acc": self.payload.get("best_val_acc"), "hp/test_acc": self.payload.get("test/acc"),
+                   "hp/test_loss": self.payload.get("test/loss")}
         metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        if not metrics:
+        if tensorboard is None or not metrics:
             return
         from hydra.core.hydra_config import HydraConfig
 
         choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
-        logger.log_hyperparams(hparams_for(self.cfg, choices), metrics=metrics)
-
-    def _plot_curves(self, logger: TensorBoardLogger | None, step: int) -> None:
-        """``curves.png`` in the run folder (learning curves from the event files), also logged
-        to TensorBoard's Images tab."""
-        from torchvision.io import decode_png, read_file
-
-        from vitlab.plots import plot_run_curves  # matplotlib only once the run is over
-
-        png = plot_run_curves(self.dir)
-        if png is not None and logger is not None:
-            logger.experiment.add_image("curves", decode_png(read_file(str(png))), step)
-            logger.finalize("success")
+        tensorboard.log_hyperparams(hparams_for(self.cfg, choices), metrics=metrics)
+        tensorboard.experiment.flush()

@@ -13,14 +13,6 @@ METRICS_FILE = "metrics.json"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 
-def failure_reason(error: BaseException) -> tuple[BaseException, str]:
-    """The root cause (Hydra's InstantiationException wraps the real error) and its first line."""
-    root = error
-    while root.__cause__ is not None:
-        root = root.__cause__
-    return root, f"{type(root).__name__}: {root}".strip().splitlines()[0]
-
-
 def read_metrics(run_dir: str | Path) -> dict:
     """The run folder's ``metrics.json``, or ``{}`` if there is none (or it is unreadable)."""
     try:

@@ -26,7 +26,7 @@ import torchvision.datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_url
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages, split
-from vitlab.data.mnist import DataError
+from vitlab.errors import DataError
 
 # numpy's array reconstructor under every module path a pickle may name it by: numpy 1
 # (which wrote the official files) and numpy 2.

@@ -31,9 +31,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import read_file
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages
-from vitlab.data.errors import DataError
+from vitlab.errors import BadImageError, DataError
 from vitlab.data.loading import BAD_FILE_POLICIES, collate_encoded, collate_samples, index_of, read_sample, seed_of
-from vitlab.data.transforms import DECODE_ON, RESIZE_MODES, BadImageError, SampleTransform, decode, decode_batch, resize_to
+from vitlab.data.transforms import DECODE_ON, RESIZE_MODES, SampleTransform, decode, decode_batch, resize_to
 
 log = logging.getLogger(__name__)
 

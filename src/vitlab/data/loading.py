@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vitlab.data.transforms import BadImageError
+from vitlab.errors import BadImageError
 
 BAD_FILE_POLICIES = ("error", "skip")
 #: Replacement samples tried for one unreadable file before the run stops anyway.

@@ -18,7 +18,7 @@ import torchvision.datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_url
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages, split
-from vitlab.data.errors import DataError
+from vitlab.errors import DataError
 
 
 _IDX_DTYPES = {0x08: np.uint8}

@@ -45,10 +45,10 @@ from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages
-from vitlab.data.errors import DataError
+from vitlab.errors import BadImageError, DataError
 from vitlab.data.imagefolder import STATISTICS_SAMPLE, ImageFolderDataModule, pixel_statistics
 from vitlab.data.loading import BAD_FILE_POLICIES, MAX_REPLACEMENTS, collate_samples, sample_seed
-from vitlab.data.transforms import BadImageError, SampleTransform, check_transform_options, decode
+from vitlab.data.transforms import SampleTransform, check_transform_options, decode
 
 log = logging.getLogger(__name__)
 

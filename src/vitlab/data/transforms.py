@@ -24,15 +24,11 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from vitlab.data.errors import DataError
+from vitlab.errors import BadImageError
 
 TRAIN_CROPS = ("random_resized", "center")
 RESIZE_MODES = ("crop", "stretch")
 DECODE_ON = ("workers", "device")
-
-
-class BadImageError(DataError):
-    """An image file (or stored sample) that cannot be decoded."""
 
 
 def decode(data: bytes | bytearray | memoryview | torch.Tensor, channels: int, name: str = "image") -> torch.Tensor:

@@ -208,52 +208,34 @@ class SimpleViT(nn.Module):
 
 
 def _validate(**cfg) -> None:
-    """Fail at construction, naming the offending values and the fix."""
+    """Fail at construction, naming the offending arguments and the fix."""
     for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim", "channels", "dim_head"):
         value = cfg[name]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"model.{name}={value!r} must be a positive integer.")
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
     image_size, patch_size = cfg["image_size"], cfg["patch_size"]
     if image_size % patch_size:
         divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
         raise ValueError(
-            f"model.patch_size={patch_size} does not divide the image size {image_size}: "
-            f"choose a patch size from {divisors}, or images whose side is a multiple of {patch_size} "
-            f"(model.image_size comes from the data config: data.image_size)."
+            f"patch_size={patch_size} does not divide image_size={image_size}: "
+            f"choose a patch size from {divisors}, or images whose side is a multiple of {patch_size}."
         )
     if cfg["pos_emb"] == "sincos2d" and cfg["dim"] % 4:
         lower = cfg["dim"] - cfg["dim"] % 4
         raise ValueError(
-            f"model.dim={cfg['dim']} is not a multiple of 4, which the 2-D sincos position "
+            f"dim={cfg['dim']} is not a multiple of 4, which the 2-D sincos position "
             f"embedding needs: use dim={lower or 4} or {lower + 4}, or pos_emb=learned."
         )
     for name, allowed in (("pool", POOLS), ("pos_emb", POS_EMBS), ("attention", ATTENTIONS), ("head_init", HEAD_INITS)):
         if cfg[name] not in allowed:
-            raise ValueError(f"model.{name}={cfg[name]!r} is not one of {', '.join(allowed)}.")
+            raise ValueError(f"{name}={cfg[name]!r} is not one of {', '.join(allowed)}.")
     for name in ("dropout", "drop_path"):
         value = cfg[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(
-                f"model.{name}={value!r} is not a probability in [0, 1): use 0 to turn it off, "
+                f"{name}={value!r} is not a probability in [0, 1): use 0 to turn it off, "
                 f"or a rate such as 0.1."
             )
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_image(model: nn.Module, image_size: int, channels: int) -> int:
-    """Forward FLOPs for one image (any image model), counted by torch's own flop counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, channels, image_size, image_size, device=device))
-    model.train(was_training)
-    return int(counter.get_total_flops())
-
-
-__all__ = ["SimpleViT", "posemb_sincos_2d", "count_parameters", "flops_per_image"]
+__all__ = ["SimpleViT", "posemb_sincos_2d"]

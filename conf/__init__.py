@@ -1,0 +1,1 @@
+"""vitlab's Hydra configs, shipped as package data (``pkg://vitlab.conf``)."""

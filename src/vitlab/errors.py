@@ -1,0 +1,93 @@
+"""Every error a user causes and fixes, and the one policy for them at the entry points.
+
+A user error (a config value, data on disk, a checkpoint, a diverging learning rate) ends a
+command with one line, ``error: <what and the fix>``, and exit status 1; anything else is a bug
+and keeps its traceback. Train, eval, predict and prepare all go through ``entry_point``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class DataError(RuntimeError):
+    """A problem with the data on disk that the user can fix; the message says how."""
+
+
+class BadImageError(DataError):
+    """An image file that cannot be read or decoded (``data.on_bad_file`` decides what follows)."""
+
+
+class CheckpointError(ValueError):
+    """A ``ckpt_path`` the user can fix: not a checkpoint, unsafe, or from another model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file asks to import and call code when loaded."""
+
+
+#: Errors a user causes and fixes; a config mistake is a ValueError.
+USER_ERRORS = (ValueError, DataError, FloatingPointError, FileNotFoundError)
+
+
+def failure_reason(error: BaseException) -> tuple[BaseException, str]:
+    """The root cause (Hydra's InstantiationException wraps the real error) and its first line."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return root, f"{type(root).__name__}: {root}".strip().splitlines()[0]
+
+
+def _log_to_files(text: str) -> str | None:
+    """Write ``text`` to the log files of the root logger only (Hydra's ``<task>.log`` in the
+    output folder), not to the console; the first file's path, or None without one."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    record = logging.makeLogRecord({"name": __name__, "levelno": logging.ERROR, "levelname": "ERROR", "msg": text})
+    for handler in files:
+        handler.handle(record)
+    return files[0].baseFilename if files else None
+
+
+def entry_point(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The failure policy of every ``python -m vitlab.<command>``, around its Hydra task.
+
+    - A user error prints ``error: <reason>`` and where the traceback was kept (the command's
+      log file), and exits with status 1.
+    - In a multirun a failed job is logged and the sweep goes on; the job's ``metrics.json``
+      says why, and the sweep exits non-zero at its end (``vitlab.sweep``).
+    - SIGTERM (preemption) exits with status 143 after Lightning's checkpoint on SIGTERM, naming
+      how to resume.
+    - Anything else is a bug and propagates with its traceback.
+    """
+
+    @functools.wraps(task)
+    def run(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            return task(cfg)
+        except SIGTERMException:
+            last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
+            hint = f"; resume with the same name=/sweep= or ckpt_path={last}" if last.is_file() else ""
+            print(f"interrupted by SIGTERM{hint}", file=sys.stderr)
+            sys.exit(143)
+        except Exception as error:
+            root, reason = failure_reason(error)
+            kept = _log_to_files(traceback.format_exc())
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                logging.getLogger(__name__).error(f"job failed: {reason}")
+                return None
+            if not isinstance(root, USER_ERRORS):
+                raise
+            print(f"error: {reason}" + (f"\n(traceback in {kept})" if kept else ""), file=sys.stderr)
+            sys.exit(1)
+
+    return run
