@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab import tracking
 from vitlab.callbacks import Throughput
 from vitlab.errors import failure_reason
 from vitlab.models import count_parameters, flops_per_image
@@ -119,17 +120,21 @@ class RunRecord(L.Callback):
         if self.trainer is not None:
             self._record_data(self.trainer.datamodule)
         self.save()
-        if error is None and self.writer and self.trainer is not None:
-            self._log_hparams()
-            from vitlab.plots import plot_run_curves  # matplotlib only once the run is over
+        if self.writer and self.trainer is not None:
+            if error is None:
+                self._log_hparams()
+                from vitlab.plots import plot_run_curves  # matplotlib only once the run is over
 
-            plot_run_curves(self.dir)
+                plot_run_curves(self.dir)
+            tracking.run_ended(self.trainer.loggers, self.dir, self.payload)
         return False
 
     # -- the trainer's hooks ----------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.trainer = trainer
+        if stage == "fit" and self.writer:
+            tracking.run_started(trainer.loggers, self.cfg)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed fit restarts at the checkpoint's epoch: later epochs of the history go.
