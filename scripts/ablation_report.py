@@ -15,42 +15,36 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from matplotlib.figure import Figure
 
 from vitlab.models.simple_vit import posemb_sincos_2d
 from vitlab.plots import plot_pos_emb_similarity
-from vitlab.summarize import job_dirs, job_metrics, job_overrides
+from vitlab.results import group_stats, job_dirs, load_runs
+from vitlab.summarize import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("test_acc", "best_val_acc")
+#: What the tables and verdicts use: mean ± std over the completed jobs of each setting.
+METRICS = ("test_acc", "best_val_acc", "flops_per_image", "params", "train_images_per_s", "wall_time_s")
 
 
 # --------------------------------------------------------------------------- statistics
-@dataclass
-class Stat:
-    values: list[float]
+class Stat(NamedTuple):
+    """Mean, sample std and n over the completed jobs of a setting (vitlab.results.group_stats)."""
 
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else math.nan
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if self.n > 1 else math.nan
+    mean: float
+    std: float
+    n: int
 
     def pct(self) -> str:
         """``91.23 ± 0.41`` in percent (n is given by the table's column)."""
@@ -77,30 +71,29 @@ def verdict(a: Stat, b: Stat, a_name: str, b_name: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------- reading
 @dataclass
 class Group:
+    """One setting of the ablation's keys: its row of group statistics and its jobs."""
+
     setting: dict
-    jobs: list[dict]
+    stats: pd.Series
+    jobs: pd.DataFrame
 
     def stat(self, metric: str) -> Stat:
-        return Stat([j[metric] for j in self.jobs if j["status"] == "completed" and j.get(metric) is not None])
+        return Stat(*(self.stats[f"{metric}_{s}"] for s in ("mean", "std")), int(self.stats[f"{metric}_n"]))
 
-    def first(self, field: str):
-        return next((j[field] for j in self.jobs if j.get(field) is not None), None)
+    def value(self, field: str) -> float | None:
+        """A field that every job of the setting shares (parameters, FLOPs), None before one completed."""
+        return self.stat(field).mean if self.stat(field).n else None
 
     @property
     def completed(self) -> int:
-        return sum(j["status"] == "completed" for j in self.jobs)
+        return int(self.stats["completed"])
 
 
-def read_sweep(sweep: Path, keys: list[str]) -> list[Group]:
-    """The sweep's jobs grouped by the values of ``keys`` (all swept keys but the seed)."""
-    groups: dict[tuple, Group] = {}
-    for job in job_dirs(sweep):
-        overrides = job_overrides(job)
-        row = job_metrics(job) | {"dir": job, "seed": overrides.get("seed")}
-        setting = tuple(overrides.get(k) for k in keys)
-        groups.setdefault(setting, Group(dict(zip(keys, setting)), []))
-        groups[setting].jobs.append(row)
-    return list(groups.values())
+def read_sweep(runs: pd.DataFrame, keys: list[str]) -> list[Group]:
+    """The settings of ``keys`` (all swept keys but the seed) among a sweep's jobs, sorted by value."""
+    jobs, stats = dict(list(runs.groupby(keys, sort=False, dropna=False))), group_stats(runs, keys, METRICS)
+    return [Group(dict(zip(keys, setting)), row, jobs[setting])
+            for setting, (_, row) in zip(stats[keys].itertuples(index=False, name=None), stats.iterrows())]
 
 
 def job_config(job_dir: Path) -> dict:
@@ -144,27 +137,24 @@ class Ablation:
 
 
 def table(groups: list[Group], label: Callable[[Group], list[str]], header: list[str]) -> str:
-    rows = [header + ["seeds", "test acc (%)", "best val acc (%)", "MFLOPs/img", "images/s", "job time (s)"]]
-    rows.append(["---"] * len(rows[0]))
+    rows = []
     for g in groups:
-        flops = g.first("flops_per_image")
-        speed = Stat([j["train_images_per_s"] for j in g.jobs if j.get("train_images_per_s")])
-        wall = Stat([j["wall_time_s"] for j in g.jobs if j["status"] == "completed" and j.get("wall_time_s")])
+        flops, speed, wall = g.value("flops_per_image"), g.stat("train_images_per_s"), g.stat("wall_time_s")
         rows.append(label(g) + [
             f"{g.completed}/{len(g.jobs)}", g.stat("test_acc").pct(), g.stat("best_val_acc").pct(),
             f"{flops / 1e6:.1f}" if flops else "–", f"{speed.mean:.0f}" if speed.n else "–",
             f"{wall.mean:.0f}" if wall.n else "–",
         ])
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    columns = header + ["seeds", "test acc (%)", "best val acc (%)", "MFLOPs/img", "images/s", "job time (s)"]
+    return markdown(pd.DataFrame(rows, columns=columns))
 
 
 def render_patch_size(groups: list[Group], docs: Path):
-    groups.sort(key=lambda g: g.setting["model.patch_size"])
     image = 28
     md = [table(groups, lambda g: [str(g.setting["model.patch_size"]), str((image // g.setting["model.patch_size"]) ** 2)],
                 ["patch", "tokens"])]
-    points = [(g.first("flops_per_image") / 1e6, g.stat("test_acc"), f"p{g.setting['model.patch_size']}")
-              for g in groups if g.stat("test_acc").n and g.first("flops_per_image")]
+    points = [(g.value("flops_per_image") / 1e6, g.stat("test_acc"), f"p{g.setting['model.patch_size']}")
+              for g in groups if g.stat("test_acc").n and g.value("flops_per_image")]
     figs = [errorbar_figure(docs / "patch_size.png", "patch size: accuracy against compute", {"": points},
                             "forward MFLOPs per image (log)", log_x=True).name] if points else []
     done = [g for g in groups if g.stat("test_acc").n]
@@ -223,10 +213,10 @@ def pos_emb_similarity(groups: list[Group], docs: Path) -> tuple[str | None, lis
     embeddings, grid = {}, None
     for g in groups:
         kind = g.setting["model.pos_emb"]
-        done = sorted((j for j in g.jobs if j["status"] == "completed"), key=lambda j: j["seed"] or 0)
-        if kind == "none" or not done:
+        done = g.jobs[g.jobs["status"] == "completed"].sort_values("seed")
+        if kind == "none" or done.empty:
             continue
-        job = done[0]
+        job = done.iloc[0]
         cfg = job_config(job["dir"])
         side = cfg["model"]["image_size"] // cfg["model"]["patch_size"]
         grid = (side, side)
@@ -256,7 +246,6 @@ def neighbour_contrast(emb: np.ndarray, grid: tuple[int, int]) -> str:
 
 
 def render_pool(groups: list[Group], docs: Path):
-    groups.sort(key=lambda g: (g.setting["model.pool"], g.setting["optimizer.lr"]))
     md = [table(groups, lambda g: [str(g.setting["model.pool"]), f"{g.setting['optimizer.lr']:g}"], ["pool", "lr"])]
     series, best = {}, {}
     for g in groups:
@@ -284,7 +273,7 @@ def render_depth_width(groups: list[Group], docs: Path):
         return int(str(g.setting["shape"]).split("_")[0][1:])
 
     groups.sort(key=depth)
-    md = [table(groups, lambda g: [str(g.setting["shape"]), str(depth(g)), str(g.first("params") or "–")],
+    md = [table(groups, lambda g: [str(g.setting["shape"]), str(depth(g)), f"{g.value('params'):.0f}" if g.value("params") else "–"],
                 ["shape", "depth", "params"])]
     points = [(depth(g), g.stat("test_acc"), str(g.setting["shape"])) for g in groups if g.stat("test_acc").n]
     figs = [errorbar_figure(docs / "depth_width.png", "depth x width at matched FLOPs", {"": points}, "depth (log)",
@@ -309,7 +298,6 @@ def render_depth_width(groups: list[Group], docs: Path):
 
 
 def render_heads(groups: list[Group], docs: Path):
-    groups.sort(key=lambda g: g.setting["model.heads"])
     md = [table(groups, lambda g: [str(g.setting["model.heads"]), str(96 // g.setting["model.heads"])],
                 ["heads", "dim per head"])]
     points = [(g.setting["model.heads"], g.stat("test_acc"), "") for g in groups if g.stat("test_acc").n]
@@ -389,11 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sweep.is_dir() or not job_dirs(sweep):
             lines += ["Not run yet.", ""]
             continue
-        groups = read_sweep(sweep, ablation.keys)
-        jobs = [j for g in groups for j in g.jobs]
-        total = sum(j.get("wall_time_s") or 0 for j in jobs)
-        md, figs = ablation.render(groups, figures)
-        lines += [f"{sum(j['status'] == 'completed' for j in jobs)} of {len(jobs)} jobs completed; "
+        runs = load_runs(sweep, [*ablation.keys, "seed"])
+        total = pd.to_numeric(runs["wall_time_s"], errors="coerce").sum()
+        md, figs = ablation.render(read_sweep(runs, ablation.keys), figures)
+        lines += [f"{(runs['status'] == 'completed').sum()} of {len(runs)} jobs completed; "
                   f"{total / 60:.0f} min of job time in all.", ""]
         lines += [item for text in md for item in (text, "")]
         lines += [item for fig in figs for item in (f"![{Path(fig).stem}](ablations/{fig})", "")]

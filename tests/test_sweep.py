@@ -1,7 +1,6 @@
 """Fault-tolerant, resumable multiruns and runs."""
 
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -10,12 +9,58 @@ import time
 
 import torch
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, read_write
 
 from conftest import SLICE, run_entry
+from test_configs import compose_train
+
+from vitlab.results import job_dirs
+from vitlab.rundir import read_metrics
+from vitlab.sweep import SweepCallback, sweep_job
 
 
 def job_metrics(sweep):
-    return {p.name: json.loads((p / "metrics.json").read_text()) for p in sorted(sweep.iterdir()) if (p / "metrics.json").is_file()}
+    return {job.name: read_metrics(job) for job in job_dirs(sweep)}
+
+
+def test_swept_keys_reach_the_jobs_through_a_hydra_override_not_the_environment(tmp_path):
+    """The parent's callback adds ``hydra.sweep.subdir`` with the swept keys as an argument;
+    Hydra composes each job from the parent's Hydra overrides plus the job's own, as here."""
+    cfg = compose_train(tmp=tmp_path)
+    with read_write(cfg.hydra.overrides):
+        cfg.hydra.overrides.task = ["model.patch_size=4,7", "seed=0,1", "trainer.max_epochs=1"]
+    environ, callback = dict(os.environ), SweepCallback()
+    callback.on_multirun_start(cfg)
+    assert dict(os.environ) == environ, "nothing is passed through the environment"
+    assert (callback.keys, callback.jobs) == (["model.patch_size", "seed"], 4)
+    added = OmegaConf.to_container(cfg.hydra.overrides.hydra)[-1]  # unresolved, as Hydra reads it
+    job = compose_train(added, "model.patch_size=7", "seed=1", "trainer.max_epochs=1")
+    with read_write(job.hydra.job):
+        job.hydra.job.num = 3
+    assert job.hydra.sweep.subdir == "3_model.patch_size=7,seed=1"
+    assert callback._label(job) == "job 4/4: model.patch_size=7,seed=1"
+
+    # A subdir of the user's own is left alone.
+    cfg = compose_train("hydra.sweep.subdir=${hydra.job.num}", tmp=tmp_path)
+    overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra)
+    SweepCallback().on_multirun_start(cfg)
+    assert OmegaConf.to_container(cfg.hydra.overrides.hydra) == overrides
+
+
+def test_sweep_job_gives_ddp_the_job_command_and_undoes_only_the_launcher_env(tmp_path, monkeypatch):
+    compose_train("seed=3", "trainer.max_epochs=1", tmp=tmp_path)
+    monkeypatch.setenv("MASTER_PORT", "1234")  # set before the job: kept
+    argv = list(sys.argv)
+    with sweep_job(str(tmp_path / "job")):
+        assert sys.argv[1:] == ["seed=3", "trainer.max_epochs=1"], "Lightning's launcher reads sys.argv[1:]"
+        assert HydraConfig.get().run.dir == str(tmp_path / "job"), "... and hydra.run.dir"
+        # As Lightning's launcher leaves them, and something else the job set.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", NODE_RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")
+        monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    assert sys.argv == argv
+    assert not {"MASTER_ADDR", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
+    assert os.environ["MASTER_PORT"] == "1234" and os.environ["PL_GLOBAL_SEED"] == "3", "no wholesale restore"
 
 
 def test_failing_job_does_not_stop_the_sweep_and_rerun_skips_completed(tmp_path, data_dir):
@@ -26,7 +71,7 @@ def test_failing_job_does_not_stop_the_sweep_and_rerun_skips_completed(tmp_path,
     jobs = job_metrics(sweep)
     assert list(jobs) == ["0_model.patch_size=4", "1_model.patch_size=5", "2_model.patch_size=7"]
     assert [m["status"] for m in jobs.values()] == ["completed", "failed", "completed"]
-    assert "model.patch_size=5 does not divide the image size 28" in jobs["1_model.patch_size=5"]["error"]
+    assert "model.patch_size=5 does not divide" in jobs["1_model.patch_size=5"]["error"]
     # The summary is written although a job failed, with the failure and its reason.
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -58,13 +103,13 @@ def test_run_killed_with_sigkill_resumes_from_last_checkpoint(tmp_path, data_dir
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.is_file()
-    killed = json.loads((run_dir / "metrics.json").read_text())
+    killed = read_metrics(run_dir)
     assert killed["status"] == "running", "a killed run never looks finished"
 
     result = run_entry("vitlab.train", *overrides, cwd=tmp_path, data_dir=data_dir)
     assert "Restoring states from the checkpoint path at" in result.stdout + result.stderr
     assert "last.ckpt" in result.stdout + result.stderr
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed"
     assert metrics["epochs"] == 3 and metrics["global_step"] == 450
 
@@ -78,7 +123,7 @@ def test_ddp_jobs_in_a_multirun_keep_one_folder_each(tmp_path, data_dir):
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_seed=0", "1_seed=1"]
     assert not (tmp_path / "outputs" / "runs").exists()
     for job in ("0_seed=0", "1_seed=1"):
-        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        metrics = read_metrics(sweep / job)
         assert metrics["status"] == "completed"
         # limit_train_batches=8 counts per process: 8 steps of 2 x 64 images.
         assert metrics["global_step"] == 8
@@ -125,11 +170,11 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resumes(tmp_path, da
     proc.send_signal(signal.SIGTERM)  # during epoch 2, as a scheduler's preemption would
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "interrupted by SIGTERM" in stderr
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     assert metrics["status"] == "interrupted"
     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 150 <= step < 450, "saved at the step reached (the kill lands in epoch 2)"
 
     run_entry("vitlab.train", *overrides, cwd=tmp_path, data_dir=data_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed" and metrics["global_step"] == 450

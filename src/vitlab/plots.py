@@ -1,4 +1,4 @@
-"""PNG plots of runs and sweeps, read back from the TensorBoard event files.
+"""PNG plots of runs and sweeps; learning curves come from the ``history`` of each run's metrics.json.
 
 Figures are ``matplotlib.figure.Figure`` objects saved through the Agg canvas, never pyplot,
 so nothing global is left behind (safe inside a Hydra callback or a notebook).
@@ -6,43 +6,37 @@ so nothing global is left behind (safe inside a Hydra callback or a notebook).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vitlab.rundir import read_metrics
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Points = list[tuple[int, float]]
 
 
-def read_scalars(run_dir: str | Path) -> dict[str, Points]:
-    """``{tag: [(global step, value), ...]}`` of every scalar in the run folder's event files."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+def curves(history: list[dict] | None) -> tuple[dict[str, Points], str]:
+    """The learning curves of a run's history (a dict per finished epoch): ``({"train/loss",
+    "val/loss", "train/acc", "val/acc"} present in the run, x label)``.
 
-
-def curves(scalars: dict[str, Points]) -> tuple[dict[str, Points], str]:
-    """The learning curves against epochs: ``({"train/loss", "val/loss", "train/acc", "val/acc"}
-    present in the run, x label)``.
-
-    Lightning logs an ``epoch`` scalar with every metric, which maps a step to its epoch; an
-    epoch-end metric is drawn at the number of epochs done, the per-step training loss as its
-    mean over each epoch. Without that scalar the x axis stays in steps.
+    x is the epoch (counted from 1), or the step if an entry has no epoch; an epoch recorded
+    twice (a resumed run) keeps its last values.
     """
-    epoch_at = dict(scalars.get("epoch", ()))
-    x_of = (lambda step: int(epoch_at[step]) + 1 if step in epoch_at else None) if epoch_at else (lambda step: step)
+    history = history if isinstance(history, list) else []
+    xlabel = "epoch" if all("epoch" in entry for entry in history) else "step"
     out = {}
     for name in ("train/loss", "val/loss", "train/acc", "val/acc"):
-        by_x = defaultdict(list)
-        for step, value in scalars.get(name, ()):
-            if (x := x_of(step)) is not None:
-                by_x[x].append(value)
-        if by_x:
-            out[name] = [(x, sum(v) / len(v)) for x, v in sorted(by_x.items())]
-    return out, "epoch" if epoch_at else "step"
+        points = {entry[xlabel]: entry[name] for entry in history if entry.get(name) is not None and xlabel in entry}
+        if points:
+            out[name] = sorted(points.items())
+    return out, xlabel
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -69,7 +63,7 @@ def plot_run_curves(run_dir: str | Path) -> Path | None:
     Draws whatever curves the run has (a failed run may have few); None when it has none.
     """
     run_dir = Path(run_dir)
-    data, xlabel = curves(read_scalars(run_dir))
+    data, xlabel = curves(read_metrics(run_dir).get("history"))
     if not data:
         return None
     fig, axes = _panels(run_dir.name)
@@ -83,16 +77,17 @@ def plot_run_curves(run_dir: str | Path) -> Path | None:
     return _save(fig, run_dir / "curves.png")
 
 
-def plot_sweep_curves(job_dirs: Iterable[str | Path], out_dir: str | Path) -> Path | None:
-    """``curves_all.png``: val accuracy and training loss of every job overlaid, labelled by
-    job folder; None when no job has logged either yet."""
+def plot_sweep_curves(runs: pd.DataFrame, out_dir: str | Path) -> Path | None:
+    """``curves_all.png``: val accuracy and training loss of every job of ``runs`` (a
+    ``vitlab.results.load_runs`` table) overlaid, labelled by job folder; None when no job has
+    recorded either yet."""
     fig, (acc_ax, loss_ax) = _panels("all jobs")
     xlabels = set()
-    for job in map(Path, job_dirs):
-        data, xlabel = curves(read_scalars(job))
+    for job, history in zip(runs["job"], runs.get("history", [None] * len(runs))):
+        data, xlabel = curves(history)
         for ax, name in ((acc_ax, "val/acc"), (loss_ax, "train/loss")):
             if name in data:
-                ax.plot(*zip(*data[name]), marker="o", markersize=3, label=job.name)
+                ax.plot(*zip(*data[name]), marker="o", markersize=3, label=job)
                 xlabels.add(xlabel)
     if not (acc_ax.has_data() or loss_ax.has_data()):
         return None
@@ -102,15 +97,13 @@ def plot_sweep_curves(job_dirs: Iterable[str | Path], out_dir: str | Path) -> Pa
     return _save(fig, Path(out_dir) / "curves_all.png")
 
 
-def plot_pos_emb_similarity(embeddings: dict[str, "np.ndarray"], grid: tuple[int, int], path: str | Path) -> Path:
+def plot_pos_emb_similarity(embeddings: dict[str, np.ndarray], grid: tuple[int, int], path: str | Path) -> Path:
     """Cosine similarity of each patch's position embedding with every other patch's, one
     panel per embedding (as in the ViT paper's Figure 7): panel (i, j) of a grid shows the
     similarity of patch (i, j) with all patches, laid out as the image.
 
     ``embeddings`` maps a label to an array of shape (rows * cols, dim), patches in row-major order.
     """
-    import numpy as np
-
     rows, cols = grid
     fig = Figure(figsize=(5.2 * len(embeddings), 5.6), layout="constrained")
     fig.suptitle("position-embedding similarity: each tile is one patch's cosine similarity with all patches",
@@ -132,36 +125,30 @@ def plot_pos_emb_similarity(embeddings: dict[str, "np.ndarray"], grid: tuple[int
     return _save(fig, Path(path))
 
 
-def plot_metric_vs_params(groups: list[dict], swept_numeric_keys: Iterable[str], out_dir: str | Path) -> list[Path]:
+def plot_metric_vs_params(stats: pd.DataFrame, swept_numeric_keys: Iterable[str], out_dir: str | Path) -> list[Path]:
     """``metric_vs_<key>.png`` per swept numeric key: test and best val accuracy against the
     key's value, mean ± std over seeds, one line per setting of the other swept keys.
 
-    ``groups`` are ``vitlab.summarize.group_stats`` results: one per setting of the swept keys
-    other than the seed, ``{"setting": {key: value}, "stats": {metric: (mean, std, n)}, ...}``.
+    ``stats`` is a ``vitlab.results.group_stats`` table: a row per setting of the swept keys
+    other than the seed (its first columns, up to ``jobs``).
     """
+    keys = list(stats.columns[: stats.columns.get_loc("jobs")])
     paths = []
     for key in swept_numeric_keys:
-        lines = defaultdict(list)
-        for group in groups:
-            others = ", ".join(f"{k}={v}" for k, v in group["setting"].items() if k != key)
-            lines[others].append(group)
+        others = [k for k in keys if k != key]
+        settings = stats[others].itertuples(index=False) if others else [()] * len(stats)
+        labels = [", ".join(f"{k}={v}" for k, v in zip(others, values)) for values in settings]
         fig, axes = _panels(f"accuracy against {key} (mean ± std over seeds)")
         for ax, metric in zip(axes, ("test_acc", "best_val_acc")):
-            for label, members in lines.items():
-                points = sorted(
-                    (g["setting"][key], *g["stats"][metric][:2])
-                    for g in members
-                    if g["setting"][key] is not None and g["stats"][metric][0] is not None
-                )
-                if points:
-                    xs, means, stds = zip(*points)
-                    ax.errorbar(xs, means, yerr=[s or 0.0 for s in stds], marker="o", capsize=3, label=label or None)
-            values = [g["setting"][key] for g in groups if g["setting"][key] is not None]
-            if values and min(values) > 0 and max(values) >= 10 * min(values):  # e.g. learning rates
+            points = stats.assign(label=labels).dropna(subset=[key, f"{metric}_mean"]).sort_values(key)
+            for label, line in points.groupby("label", sort=False):
+                ax.errorbar(line[key].astype(float), line[f"{metric}_mean"], yerr=line[f"{metric}_std"].fillna(0.0),
+                            marker="o", capsize=3, label=label or None)
+            values = stats[key].dropna().astype(float)
+            if len(values) and values.min() > 0 and values.max() >= 10 * values.min():  # e.g. learning rates
                 ax.set_xscale("log")
             _style(ax, key, metric)
-            if any(lines) and ax.has_data():
+            if any(labels) and ax.has_data():
                 ax.legend(fontsize="small")
         paths.append(_save(fig, Path(out_dir) / f"metric_vs_{key.replace('/', '-')}.png"))
     return paths
-

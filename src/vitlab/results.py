@@ -1,0 +1,134 @@
+"""Run folders as one table: ``load_runs`` gives a pandas DataFrame with a row per job, and
+``group_stats`` the mean ± sample std over seeds of each setting. Summaries, the ablation report
+and the tests read results through here (no torch, no matplotlib: it stays light)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from pandas.api.types import is_bool, is_number
+
+from vitlab.rundir import METRICS_FILE, read_metrics
+
+#: metrics.json field -> column, in column order (summary.csv: the job, the swept keys, these).
+FIELDS = {
+    "status": "status",
+    "error": "error",
+    "params": "params",
+    "flops_per_image": "flops_per_image",
+    "train_images_per_s": "train_images_per_s",
+    "best_val_acc": "best_val_acc",
+    "test/acc": "test_acc",
+    "test/loss": "test_loss",
+    "epochs": "epochs",
+    "wall_time_s": "wall_time_s",
+}
+#: What group_stats aggregates by default: mean ± std over the completed jobs of each setting.
+STATS = ("best_val_acc", "test_acc", "wall_time_s", "train_images_per_s")
+
+
+def swept_keys(overrides: Iterable[str], sweeper_params: dict | None = None) -> list[str]:
+    """Keys that take several values: comma lists, ranges and choice() on the command line,
+    and the search space of ``hydra.sweeper.params``."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    return keys + [k for k in (sweeper_params or {}) if k not in keys]
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Direct subfolders with a ``metrics.json`` or ``.hydra/``, in job-number order."""
+    jobs = [
+        p for p in Path(sweep_dir).iterdir()
+        if p.is_dir() and not p.name.startswith(".") and ((p / METRICS_FILE).is_file() or (p / ".hydra").is_dir())
+    ]
+    return sorted(jobs, key=lambda p: (int(n) if (n := p.name.partition("_")[0]).isdigit() else float("inf"), p.name))
+
+
+def job_overrides(job: Path) -> dict[str, Any]:
+    """The job's command-line overrides, ``{key: typed value}`` (4, 0.001, "adamw")."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    overrides = {}
+    for override in OverridesParser.create().parse_overrides(yaml.safe_load(path.read_text()) or []):
+        value = override.value()
+        if not (value is None or isinstance(value, (str, int, float))):
+            value = override.get_value_element_as_str()  # lists and dicts as written, so they can be grouped on
+        overrides[override.get_key_element().lstrip("+~")] = value
+    return overrides
+
+
+def sweep_overrides(sweep_dir: Path) -> list[str]:
+    """The multirun's command-line overrides as typed (``model.patch_size=4,7``), from
+    Hydra's ``multirun.yaml``; empty without one."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    parent = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    return list(((parent.get("hydra") or {}).get("overrides") or {}).get("task") or [])
+
+
+def _record(job: Path) -> dict[str, Any]:
+    """The FIELDS columns, then every other field of the job's metrics.json; status ``missing``
+    without one, ``unreadable`` when it is not a JSON object."""
+    metrics = read_metrics(job)
+    if not isinstance(metrics, dict) or not metrics:
+        missing = not (job / METRICS_FILE).exists()
+        metrics = {"status": "missing"} if missing else {"status": "unreadable", "error": f"{METRICS_FILE}: not a JSON object"}
+    row = {column: metrics.get(field) for field, column in FIELDS.items()}
+    return row | {"status": row["status"] or "unknown"} | {k: v for k, v in metrics.items() if k not in FIELDS}
+
+
+def load_runs(runs: str | Path | Iterable[str | Path], keys: Sequence[str] = ()) -> pd.DataFrame:
+    """A row per job: ``job`` (its folder's name), the swept keys, the ``FIELDS`` columns, the other
+    fields of metrics.json (``history``, ...), and ``dir``.
+
+    ``runs`` is a sweep folder (its job folders) or any run folders. The swept keys are ``keys``,
+    then those swept on the sweep's command line (known before every job has run), then any other
+    override that differs between the jobs (e.g. a sweeper's choice); ``key_columns`` names them.
+    """
+    if isinstance(runs, (str, Path)):
+        dirs, keys = job_dirs(Path(runs)), [*keys, *swept_keys(sweep_overrides(Path(runs)))]
+    else:
+        dirs = [Path(run) for run in runs]
+    overrides = [job_overrides(run) for run in dirs]
+    known = [o for o in overrides if o]  # a job folder without .hydra/ says nothing
+    varying = [k for k in dict.fromkeys(k for o in known for k in o) if len({repr(o.get(k)) for o in known}) > 1]
+    keys = list(dict.fromkeys([*keys, *varying]))
+    rows = []
+    for run, o in zip(dirs, overrides):
+        row = {"job": run.name} | {k: o.get(k) for k in keys}  # a key's value is the override's (metrics.json has seed)
+        rows.append(row | {k: v for k, v in _record(run).items() if k not in row} | {"dir": run})
+    # Built from Python objects, then typed per column: ints stay ints (Int64) beside missing values.
+    return pd.DataFrame(rows, dtype=object).convert_dtypes()
+
+
+def key_columns(runs: pd.DataFrame) -> list[str]:
+    """The swept keys of a ``load_runs`` table: its columns between ``job`` and ``status``."""
+    return list(runs.columns[1 : runs.columns.get_loc("status")])
+
+
+def _order(value: Any) -> tuple:
+    """Sort key for mixed values: numbers by value, then text, then missing."""
+    if pd.isna(value):
+        return (2, 0, "")
+    return (0, value, "") if is_number(value) and not is_bool(value) else (1, 0, str(value))
+
+
+def group_stats(runs: pd.DataFrame, keys: Sequence[str], metrics: Iterable[str] = STATS) -> pd.DataFrame:
+    """A row per setting of ``keys`` (the swept keys but the seed), sorted by value: the keys,
+    ``jobs``, ``completed``, and per metric ``<metric>_mean``, ``<metric>_std`` (sample, n - 1) and
+    ``<metric>_n`` over the setting's completed jobs."""
+    keys, metrics = list(keys), list(metrics)
+    completed = runs["status"].eq("completed")
+    numbers = runs.reindex(columns=metrics).apply(pd.to_numeric, errors="coerce").astype(float).where(completed, axis=0)
+    grouped = numbers.assign(jobs=1, completed=completed.astype(int)).groupby(
+        [runs[k] for k in keys] or (lambda _: 0), sort=False, dropna=False
+    )
+    stats = grouped[metrics].agg(["mean", "std", "count"])
+    stats.columns = [f"{metric}_{'n' if stat == 'count' else stat}" for metric, stat in stats.columns]
+    stats = grouped[["jobs", "completed"]].sum().join(stats).reset_index(drop=not keys)
+    return stats.sort_values(keys, key=lambda column: column.map(_order)).reset_index(drop=True) if keys else stats
