@@ -20,8 +20,10 @@ of ``--rounds`` rounds (so drifts of a shared machine hit all alike). Reported: 
 images/s of each path; ratios as the median over rounds of the ratio within each round; forward
 FLOPs per image (torch's flop counter), achieved training FLOP/s (3x forward), model-FLOP
 utilisation on GPUs with a known peak, and peak memory: GPU max allocated, and the peak RSS of
-each path run alone in a fresh process (``--no-memory`` skips that). The last line reads
-``full/seed = <ratio>x``.
+each path run alone in a fresh process (``--no-memory`` skips that). The device's own dense
+bf16 and fp32 matmul peaks are measured in the same rounds, so ``full/peak`` (achieved training
+FLOP/s over the measured bf16 peak) compares the path with what this device does at that
+moment. The last lines read ``full/peak = <percent>`` and ``full/seed = <ratio>x``.
 """
 
 from __future__ import annotations
@@ -239,13 +241,14 @@ def main() -> None:
         print(f"peak RSS GiB {peak_rss_gib():.3f}")
         return
     loader = loader_path(cfg, device, batch_size, sync)
+    peaks = [matmul_peak(dtype, device, sync) for dtype in (torch.bfloat16, torch.float32)]
     if not args.no_memory:
         for path in paths:
             path.rss = measure_memory(path.name, args)
         print(f"peak memory of each path alone in a fresh process: {time.perf_counter() - started:.0f} s in all so far")
 
     for _ in range(args.rounds):
-        for path in [*paths, loader]:
+        for path in [*paths, loader, *peaks]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             path.run(args.warmup, args.steps)
@@ -253,8 +256,17 @@ def main() -> None:
                 path.gpu_mem = max(path.gpu_mem, torch.cuda.max_memory_allocated(device) / 2**30)
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average at the end: {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores (a busy machine makes the figures noisy: compare ratios)")
-    report(paths, loader, device)
+    report(paths, loader, peaks, device, precision)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def matmul_peak(dtype: torch.dtype, device, sync) -> Contender:
+    """Dense square matmul FLOP/s of ``dtype`` (2 n^3 per product; n = 2048 on a CPU, 8192 on a
+    GPU), the device's practical peak for the model's main operation."""
+    n = 8192 if device.type == "cuda" else 2048
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    return Contender(f"matmul {str(dtype).removeprefix('torch.')}", lambda: a @ b, 2 * n**3, None, sync)
 
 
 def loader_path(cfg, device, batch_size, sync) -> Contender:
@@ -311,7 +323,7 @@ def stretch_trainer(cfg, clock, max_steps):
     return build_trainer(cfg, extra_callbacks=[clock])
 
 
-def report(paths: list[Contender], loader: Contender, device) -> None:
+def report(paths: list[Contender], loader: Contender, peaks: list[Contender], device, precision: str) -> None:
     peak = peak_bf16(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     rows = {}
     print(f"\n{'path':<6} {'images/s':>10} {'min-max':>17} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'RSS GiB':>8} {'GPU GiB':>8}")
@@ -328,6 +340,8 @@ def report(paths: list[Contender], loader: Contender, device) -> None:
     model_rate = rows.get("full") or rows.get("bare")
     print(f"\nloader alone: {loader_rate:.0f} images/s" + (f" = {loader_rate / model_rate:.0f}x the model's" if model_rate else ""))
     rates = {p.name: p.rates for p in paths}
+    print("measured peaks: " + ", ".join(f"{p.name} {statistics.median(p.rates) / 1e9:.0f} GFLOP/s" for p in peaks)
+          + (f" (data sheet bf16: {peak / 1e12:.0f})" if peak else ""))
 
     def ratio(a: str, b: str, spread: bool = True) -> str:
         """Median over rounds of the ratio within each round (paths of a round ran back to
@@ -341,6 +355,14 @@ def report(paths: list[Contender], loader: Contender, device) -> None:
     print("\nratios: median over rounds of the ratio within each round")
     print(f"full/bare = {ratio('full', 'bare')} (Lightning + data overhead), bare/timm = {ratio('bare', 'timm')}, "
           f"bare/seed = {ratio('bare', 'seed')}")
+    full = next((p for p in paths if p.name == "full"), None)
+    if full is not None and full.flops:
+        # Within each round: the path's achieved FLOP/s over the matmul peak measured beside it,
+        # bf16 for a bf16 run, fp32 for a 32-bit one (a CPU without bf16 units runs 32-true).
+        top = peaks[0] if precision.startswith("bf16") else peaks[1]
+        within = [3 * full.flops * rate / best for rate, best in zip(full.rates, top.rates)]
+        sheet = f", {3 * full.flops * rows['full'] / peak:.1%} of the data sheet's bf16" if peak else ""
+        print(f"full/peak = {statistics.median(within):.1%} of the measured {top.name} peak{sheet}")
     print(f"full/seed = {ratio('full', 'seed', spread=False)}")
 
 

@@ -5,7 +5,7 @@
 #
 # 1. scripts/benchmark.py at ViT-S/16, 224 px: images/s, model-FLOP utilisation against the
 #    measured bf16 matmul peak (full/peak) and the data sheet's;
-# 2. the same at CIFAR size (32 px, patch 4);
+# 2. the same at CIFAR size (32 px, model=vit_small_32);
 # 3. the input pipeline feeding the GPU: streamed 224 px JPEGs decoded on the GPU
 #    (data.decode_on=device) under the full training path, and the loader alone;
 # 4. a 2-epoch trainer=gpu run of the default experiment (Fashion-MNIST from VITLAB_DATA_DIR).
@@ -22,7 +22,7 @@ JPEGS="${TMPDIR:-/tmp}/vitlab_gpu_check_jpegs"
 mkdir -p "$(dirname "$REPORT")"
 
 VIT_S=(trainer=gpu data=synthetic data.image_size=224 data.channels=3 data.num_classes=1000 model=vit_s)
-CIFAR=(trainer=gpu data=synthetic data.image_size=32 data.channels=3 model.patch_size=4)
+CIFAR=(trainer=gpu data=synthetic model=vit_small_32)
 FOLDER=(trainer=gpu data=imagefolder "data.root=$JPEGS" data.in_memory=false data.decode_on=device
         data.image_size=224 model=vit_s)
 TRAIN=(trainer=gpu trainer.max_epochs=2 name=gpu_check resume=false)
@@ -65,7 +65,7 @@ section "1. benchmark, ViT-S/16 at 224 px"
   | grep -v -i warning | tail -25 >> "$REPORT" || echo "failed" >> "$REPORT"
 endsection
 
-section "2. benchmark, CIFAR size (32 px, patch 4)"
+section "2. benchmark, CIFAR size (32 px, model=vit_small_32)"
 "$PY" scripts/benchmark.py --device cuda --no-memory --rounds 3 --overrides "${CIFAR[@]}" 2>&1 \
   | grep -v -i warning | tail -25 >> "$REPORT" || echo "failed" >> "$REPORT"
 endsection
