@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab import tracking
 from vitlab.errors import CheckpointError, UnsafeCheckpointError
 
 #: Key of the run's own description inside a checkpoint.
@@ -155,7 +156,8 @@ def _plain(node: Any) -> Any:
 class RunInfo(L.Callback):
     """Writes the run's description into every checkpoint: ``checkpoint["vitlab"]`` holds the
     resolved ``model`` and ``data`` config, the class names, the normalisation statistics and
-    the image shape, what ``vitlab.eval`` and ``vitlab.predict`` need, travelling with the file."""
+    the image shape, what ``vitlab.eval`` and ``vitlab.predict`` need, travelling with the file;
+    and where the run is tracked (``vitlab.tracking.run_ids``), for eval's confusion matrix."""
 
     def __init__(self, cfg: DictConfig, datamodule: L.LightningDataModule):
         self.cfg = cfg
@@ -173,6 +175,7 @@ class RunInfo(L.Callback):
             "streaming": bool(getattr(dm, "streaming", False)),
             "mean": [float(v) for v in torch.as_tensor(dm.mean).flatten()] if hasattr(dm, "mean") else None,
             "std": [float(v) for v in torch.as_tensor(dm.std).flatten()] if hasattr(dm, "std") else None,
+            "tracking": tracking.run_ids(trainer.loggers),
         }
 
 

@@ -6,7 +6,7 @@ names another, always normalised with the training statistics. The checkpoint is
 safely (``vitlab.checkpoint``); Lightning's ``trainer.test`` computes ``test/acc`` and
 ``test/loss``, and a callback collects the confusion matrix. Written to the eval's own folder
 (``outputs/eval/<date>/<time>/``): ``metrics.json``, ``confusion_matrix.csv`` and ``.png``,
-``per_class_accuracy.csv``.
+``per_class_accuracy.csv``; a run tracked in MLflow gets these under its ``eval/`` artifacts.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from vitlab import tracking
 from vitlab.checkpoint import check_targets, model_from_checkpoint
 from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
 from vitlab.errors import entry_point
@@ -161,6 +162,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         rows = write_reports(out, confusion.matrix, classes)
         metrics["per_class_accuracy"] = {row["class"]: row["accuracy"] for row in rows}
         write_json(out / METRICS_FILE, metrics)
+        tracking.eval_ended(info.get("tracking"), out)
         log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f} on {metrics['test_split_size']} images; "
                  f"metrics.json, confusion_matrix.csv/.png and per_class_accuracy.csv in {out}")
     return metrics
