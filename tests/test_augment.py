@@ -29,23 +29,32 @@ def key(image):
     return bytes(image.contiguous().numpy())
 
 
-@pytest.mark.parametrize("m", [9, 30])
-def test_randaugment_gives_each_image_one_of_torchvisions_outputs(m):
+@pytest.mark.parametrize("m, options", [(9, {}), (30, {}), (20, {"fill": [10, 200, 30]}),
+                                        (20, {"interpolation": "bilinear", "fill": 128})])
+def test_randaugment_ops_are_torchvisions(m, options):
+    """vitlab's table of operations (RANDAUGMENT_OPS) against torchvision's public v2.RandAugment:
+    each (op, sign) gives one of torchvision's outputs, together they give all of them, and a
+    batch spreads over them image by image. After a torchvision upgrade, a failure here names the
+    operations whose magnitude or kernel changed upstream."""
     image = sample_image()
-    # Every output torchvision's RandAugment can give this image with one operation.
     torch.manual_seed(0)
-    reference = v2.RandAugment(num_ops=1, magnitude=m)
-    possible = {key(reference(image)) for _ in range(300)}
+    # Older torchvision (0.24) takes the interpolation as an InterpolationMode only.
+    reference = v2.RandAugment(num_ops=1, magnitude=m, **options | {
+        "interpolation": v2.InterpolationMode(options.get("interpolation", "nearest"))})
+    possible = {key(reference(image)) for _ in range(400)}
     assert len(possible) >= 20  # 14 ops, 10 of them with two signs; a few coincide
 
+    ours = RandAugment(n=1, m=m, **options)
+    keys = [k for k in range(2 * len(ours.ops)) if k % 2 == 0 or ours.signed[k // 2]]
+    outputs = {f"{ours.ops[k // 2]}{'-' if k % 2 else '+'}": key(o)
+               for k, o in zip(keys, ours.apply(image.expand(len(keys), -1, -1, -1), torch.tensor(keys)))}
+    assert not [op for op, o in outputs.items() if o not in possible], "ops unlike torchvision's (named)"
+    assert len(possible - set(outputs.values())) == 0, "torchvision's RandAugment gives outputs no vitlab op gives"
+
     torch.manual_seed(1)
-    batch = image.unsqueeze(0).repeat(256, 1, 1, 1)
-    out = RandAugment(n=1, m=m)(batch)
-    assert out.shape == batch.shape and out.dtype == torch.uint8
-    outputs = [key(o) for o in out]
-    assert all(o in possible for o in outputs), "each image gets exactly one of torchvision's operations"
-    # Per-image draws: a batch of copies spreads over (nearly) all the outputs.
-    assert len(set(outputs)) >= len(possible) - 2
+    batch = RandAugment(n=1, m=m, **options)(image.unsqueeze(0).repeat(256, 1, 1, 1))
+    assert batch.shape == (256, 3, 32, 32) and batch.dtype == torch.uint8
+    assert {key(o) for o in batch} == possible, "per-image draws: a batch of copies gives every output"
 
 
 def test_randaugment_applies_n_operations_per_image():
@@ -55,6 +64,11 @@ def test_randaugment_applies_n_operations_per_image():
     one = {key(o) for o in RandAugment(n=1, m=9)(batch)}
     two = {key(o) for o in RandAugment(n=2, m=9)(batch)}
     assert len(two) > len(one), "two operations per image give more distinct results than one"
+    # Draws come from torch's global generator: a restored RNG state (a resumed run) repeats them.
+    state = torch.get_rng_state()
+    first = RandAugment(n=2, m=9)(batch)
+    torch.set_rng_state(state)
+    assert torch.equal(RandAugment(n=2, m=9)(batch), first)
     with pytest.raises(TypeError, match="uint8"):
         RandAugment()(batch.float())
     with pytest.raises(ValueError, match=r"randaugment.m=31 must be in \[0, 30\]"):
@@ -224,10 +238,10 @@ def test_soft_targets_give_the_hard_loss_when_unmixed(smoothing):
     torch.manual_seed(0)
     classifier = module(smoothing)
     images, labels = torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,))
-    hard = classifier._shared_step((images, labels), "train", classifier.train_acc)
+    hard, _ = classifier._shared_step((images, labels), "train", classifier.train_acc)
     # MixUpCutMix with prob=0 gives one-hot targets: what a batch it leaves unmixed looks like.
     _, onehot = MixUpCutMix(num_classes=5, prob=0.0)(images, labels)
-    soft = classifier._shared_step((images, onehot), "train", classifier.val_acc)
+    soft, _ = classifier._shared_step((images, onehot), "train", classifier.val_acc)
     torch.testing.assert_close(soft, hard)
     torch.testing.assert_close(classifier.train_acc.compute(), classifier.val_acc.compute())
 
@@ -240,7 +254,7 @@ def test_mixed_targets_give_the_mixed_loss_with_label_smoothing():
     classifier = module(0.1)
     images, a, b, lam = torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,)), torch.randint(0, 5, (8,)), 0.7
     targets = lam * F.one_hot(a, 5).float() + (1 - lam) * F.one_hot(b, 5).float()
-    loss = classifier._shared_step((images, targets), "train", classifier.train_acc)
+    loss, _ = classifier._shared_step((images, targets), "train", classifier.train_acc)
     logits = classifier(images)
     expected = lam * F.cross_entropy(logits, a, label_smoothing=0.1) + (1 - lam) * F.cross_entropy(
         logits, b, label_smoothing=0.1)
@@ -248,7 +262,7 @@ def test_mixed_targets_give_the_mixed_loss_with_label_smoothing():
     # Training accuracy counts the dominant label (a, with lam = 0.7).
     assert classifier.train_acc.compute() == pytest.approx((logits.argmax(1) == a).float().mean().item())
     # Validation reports the plain loss.
-    val = classifier._shared_step((images, a), "val", classifier.val_acc)
+    val, _ = classifier._shared_step((images, a), "val", classifier.val_acc)
     torch.testing.assert_close(val, F.cross_entropy(logits, a))
 
 

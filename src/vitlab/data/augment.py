@@ -5,7 +5,8 @@ every image would get the same crop, the same RandAugment ops, the same erased b
 them once per image costs a Python round trip per image (measured in
 ``scripts/bench_augment.py``), which on a CPU competes with the model for the same cores.
 The classes here draw the parameters of every image at once and then apply torchvision's own
-operations to the whole batch, or to the groups of images that drew the same operation.
+operations (public ``transforms.v2.functional`` only, so that torchvision need not be pinned)
+to the whole batch, or to the groups of images that drew the same operation.
 
 An augmentation declares where it runs with ``stage``:
 
@@ -26,19 +27,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
-
-# torchvision's own grid and matrix helpers, so that a geometric op gives exactly the pixels of
-# torchvision's kernel (tests/test_augment.py checks it against v2.RandAugment; torchvision is
-# pinned in pyproject.toml).
-from torchvision.transforms.v2._utils import _get_fill
-from torchvision.transforms.v2.functional._geometry import (
-    _affine_grid,
-    _apply_grid_transform,
-    _check_interpolation,
-    _get_inverse_affine_matrix,
-)
+from torchvision.transforms.v2 import functional as TF
 
 STAGES = ("pixels", "normalized", "labels")
+
+
+def _bins(low: float, high: float) -> Callable[[int, int, int], torch.Tensor]:
+    return lambda bins, h, w: torch.linspace(low, high, bins)
+
+
+# RandAugment's 14 operations as torchvision's v2.RandAugment defines them, on a uint8 batch:
+# name -> (magnitude of each bin for (bins, H, W) images, or None; signed; the operation).
+# tests/test_augment.py checks every output against v2.RandAugment's.
+RANDAUGMENT_OPS: dict[str, tuple] = {
+    "Identity": (None, False, lambda x, v, how: x),
+    "ShearX": (_bins(0.0, 0.3), True, lambda x, v, how: TF.affine(
+        x, 0.0, [0, 0], 1.0, [math.degrees(math.atan(v)), 0.0], center=[0, 0], **how)),
+    "ShearY": (_bins(0.0, 0.3), True, lambda x, v, how: TF.affine(
+        x, 0.0, [0, 0], 1.0, [0.0, math.degrees(math.atan(v))], center=[0, 0], **how)),
+    "TranslateX": (lambda bins, h, w: torch.linspace(0.0, 150.0 / 331.0 * w, bins), True,
+                   lambda x, v, how: TF.affine(x, 0.0, [int(v), 0], 1.0, [0.0, 0.0], **how)),
+    "TranslateY": (lambda bins, h, w: torch.linspace(0.0, 150.0 / 331.0 * h, bins), True,
+                   lambda x, v, how: TF.affine(x, 0.0, [0, int(v)], 1.0, [0.0, 0.0], **how)),
+    "Rotate": (_bins(0.0, 30.0), True, lambda x, v, how: TF.rotate(x, v, **how)),
+    "Brightness": (_bins(0.0, 0.9), True, lambda x, v, how: TF.adjust_brightness(x, 1.0 + v)),
+    "Color": (_bins(0.0, 0.9), True, lambda x, v, how: TF.adjust_saturation(x, 1.0 + v)),
+    "Contrast": (_bins(0.0, 0.9), True, lambda x, v, how: TF.adjust_contrast(x, 1.0 + v)),
+    "Sharpness": (_bins(0.0, 0.9), True, lambda x, v, how: TF.adjust_sharpness(x, 1.0 + v)),
+    "Posterize": (lambda bins, h, w: (8 - torch.arange(bins) / ((bins - 1) / 4)).round().int(), False,
+                  lambda x, v, how: TF.posterize(x, int(v))),
+    "Solarize": (_bins(1.0, 0.0), False, lambda x, v, how: TF.solarize(x, 255.0 * v)),
+    "AutoContrast": (None, False, lambda x, v, how: TF.autocontrast(x)),
+    "Equalize": (None, False, lambda x, v, how: TF.equalize(x)),
+}
 
 
 class RandomCropFlip(nn.Module):
@@ -82,19 +103,19 @@ class RandomCropFlip(nn.Module):
 
 class RandAugment(nn.Module):
     """RandAugment (Cubuk et al. 2020): ``n`` operations per image, each chosen uniformly from
-    torchvision's 14, all at magnitude ``m`` (of ``num_magnitude_bins``), signed ops negated
-    with probability 1/2: torchvision ``v2.RandAugment``'s operations, magnitudes and kernels,
-    with the draw made per image.
+    torchvision's 14 (``RANDAUGMENT_OPS``), all at magnitude ``m`` (of ``num_magnitude_bins``),
+    signed ops negated with probability 1/2: ``v2.RandAugment``'s operations, magnitudes and
+    kernels, with the draw made per image.
 
-    In each of the ``n`` rounds, the images that drew a geometric op (shear, translate,
-    rotate) are resampled together by one ``grid_sample`` with each image's own affine matrix
-    (torchvision's matrix and grid for that op); the images that drew the same other
-    (operation, sign) go through torchvision's kernel together. Input: a uint8 batch
-    (B, C, H, W).
+    In each of the ``n`` rounds, the images that drew the same (operation, sign) go through its
+    kernel together. With nearest sampling, the geometric ops (shear, translate, rotate) are
+    instead one gather for all the images that drew one: each (op, sign) moves pixels by a fixed
+    map, read once per image size off torchvision's kernel applied to an image of pixel indices.
+    Input: a uint8 batch (B, C, H, W).
     """
 
     stage = "pixels"
-    geometric = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+    geometric = range(2, 12)  # the keys (op * 2 + negate) of ShearX ... Rotate, adjacent in RANDAUGMENT_OPS
 
     def __init__(self, n: int = 2, m: int = 9, num_magnitude_bins: int = 31, interpolation: str = "nearest",
                  fill: float | Sequence[float] | None = None):
@@ -104,88 +125,63 @@ class RandAugment(nn.Module):
         if not 0 <= m < num_magnitude_bins:
             raise ValueError(f"data.augment.randaugment.m={m} must be in [0, {num_magnitude_bins - 1}] "
                              f"(num_magnitude_bins={num_magnitude_bins})")
-        self.n, self.m = n, m
-        # The torchvision transform supplies the operation table and the kernels; its own
-        # forward (one draw for the whole batch) is not used.
-        self.reference = v2.RandAugment(num_ops=n, magnitude=m, num_magnitude_bins=num_magnitude_bins,
-                                        interpolation=interpolation, fill=fill)
-        self.ops = list(self.reference._AUGMENTATION_SPACE)
-        self.signed = torch.tensor([signed for _, signed in self.reference._AUGMENTATION_SPACE.values()])
-        self.fill = _get_fill(self.reference._fill, torch.Tensor)
-        self.interpolation = _check_interpolation(interpolation).value
-        if self.interpolation not in ("nearest", "bilinear"):
+        if interpolation not in ("nearest", "bilinear"):
             raise ValueError(f"data.augment.randaugment.interpolation={interpolation!r}: use nearest or bilinear")
-        geometric_ops = [i for i, name in enumerate(self.ops) if name in self.geometric]
-        if geometric_ops != list(range(geometric_ops[0], geometric_ops[0] + len(self.geometric))):
-            raise RuntimeError("torchvision's RandAugment table changed: the geometric ops are no longer adjacent")
-        self.geometric_keys = range(2 * geometric_ops[0], 2 * (geometric_ops[-1] + 1))
-        self._tables: dict = {}  # (H, W, device) -> (magnitudes, affine grids)
+        self.n, self.m, self.num_magnitude_bins = n, m, num_magnitude_bins
+        fill = fill if fill is None or isinstance(fill, (int, float)) else [float(v) for v in fill]
+        self.how = {"interpolation": v2.InterpolationMode(interpolation), "fill": fill}
+        self.ops = list(RANDAUGMENT_OPS)
+        self.signed = torch.tensor([signed for _, signed, _ in RANDAUGMENT_OPS.values()])
+        self._tables: dict = {}  # (H, W, device) -> table()
 
-    def magnitudes(self, h: int, w: int) -> list[float]:
-        """Signed magnitude of each (op, sign) key = op * 2 + negate, for (H, W) images."""
-        out = []
-        for magnitudes_fn, _ in self.reference._AUGMENTATION_SPACE.values():
-            magnitudes = magnitudes_fn(self.reference.num_magnitude_bins, h, w)
-            value = 0.0 if magnitudes is None else float(magnitudes[self.m])
-            out += [value, -value]
-        return out
-
-    def affine_grids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """Sampling grids (2 x ops, H, W, 2) of the geometric ops, indexed by op * 2 + negate,
-        as torchvision's ``affine`` and ``rotate`` kernels build them for a uint8 image."""
-        thetas = []
-        for key, magnitude in enumerate(self.magnitudes(h, w)):
-            name = self.ops[key // 2]
-            if name in ("ShearX", "ShearY"):
-                shear = math.degrees(math.atan(magnitude))
-                matrix = _get_inverse_affine_matrix([-0.5 * w, -0.5 * h], 0.0, [0.0, 0.0], 1.0,
-                                                    [shear, 0.0] if name == "ShearX" else [0.0, shear])
-            elif name in ("TranslateX", "TranslateY"):
-                shift = [float(int(magnitude)), 0.0] if name == "TranslateX" else [0.0, float(int(magnitude))]
-                matrix = _get_inverse_affine_matrix([0.0, 0.0], 0.0, shift, 1.0, [0.0, 0.0])
-            elif name == "Rotate":
-                matrix = _get_inverse_affine_matrix([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
-            else:
-                matrix = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-            thetas.append(torch.tensor(matrix, dtype=torch.float32, device=device).reshape(1, 2, 3))
-        return torch.cat([_affine_grid(t, w=w, h=h, ow=w, oh=h) for t in thetas])
+    def table(self, h: int, w: int, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
+        """The signed magnitude of each key (op * 2 + negate) and the geometric keys' pixel maps."""
+        if (h, w, device) not in self._tables:
+            maps, magnitudes = None, [sign * (0.0 if f is None else float(f(self.num_magnitude_bins, h, w)[self.m]))
+                                      for f, _, _ in RANDAUGMENT_OPS.values() for sign in (1, -1)]
+            if self.how["interpolation"] == v2.InterpolationMode.NEAREST and h * w <= 2**24:
+                # Pixel indices are exact in float32 (up to 2**24); -1 marks the pixels that get the fill.
+                index = torch.arange(h * w, dtype=torch.float32, device=device).view(1, 1, h, w)
+                fill = {"interpolation": v2.InterpolationMode.NEAREST, "fill": -1.0}
+                maps = torch.stack([RANDAUGMENT_OPS[self.ops[k // 2]][2](index, magnitudes[k], fill).view(h * w)
+                                    for k in self.geometric]).long()
+            self._tables[(h, w, device)] = magnitudes, maps
+        return self._tables[(h, w, device)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"RandAugment expects a uint8 batch, got {images.dtype}")
-        b, _, h, w = images.shape
-        device = images.device
-        if (h, w, device) not in self._tables:
-            self._tables[(h, w, device)] = (self.magnitudes(h, w), self.affine_grids(h, w, device))
-        magnitudes, grids = self._tables[(h, w, device)]
-        n_keys = 2 * len(self.ops)
         for _ in range(self.n):
-            # Drawn on the CPU with the global generator (seeded runs repeat), grouped there:
-            # sorted by key, each group is a contiguous slice, and the geometric ops (keys
-            # geometric_keys) are one slice for a single grid_sample.
+            # Drawn on the CPU with the global generator, so that seeded runs repeat.
+            b = len(images)
             op = torch.randint(len(self.ops), (b,))
-            key = op * 2 + ((torch.rand(b) <= 0.5) & self.signed[op])
-            order = key.argsort(stable=True)
-            sorted_key = key[order].to(device)
-            ends = torch.bincount(key, minlength=n_keys).cumsum(0).tolist()
-            starts = [0] + ends[:-1]
-            order = order.to(device)
-            grouped = images[order]
-            lo, hi = starts[self.geometric_keys[0]], ends[self.geometric_keys[-1]]
-            if hi > lo:
-                grouped[lo:hi] = _apply_grid_transform(grouped[lo:hi], grids[sorted_key[lo:hi]], self.interpolation,
-                                                       self.fill)
-            for k in range(n_keys):
-                if starts[k] == ends[k] or k in self.geometric_keys or self.ops[k // 2] == "Identity":
-                    continue
-                grouped[starts[k]:ends[k]] = self.reference._apply_image_or_video_transform(
-                    grouped[starts[k]:ends[k]], self.ops[k // 2], magnitudes[k],
-                    interpolation=self.reference.interpolation, fill=self.reference._fill)
-            images = torch.empty_like(grouped).index_copy_(0, order, grouped)
+            images = self.apply(images, op * 2 + ((torch.rand(b) <= 0.5) & self.signed[op]))
         return images
 
+    def apply(self, images: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Image i through (operation, sign) ``key[i]`` (= op * 2 + negate)."""
+        _, c, h, w = images.shape
+        magnitudes, maps = self.table(h, w, images.device)
+        # Sorted by key, the images of each key are one contiguous slice, the geometric keys too.
+        order = key.argsort(stable=True)
+        ends = torch.bincount(key, minlength=2 * len(self.ops)).cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        sorted_key, order = key[order].to(images.device), order.to(images.device)
+        grouped = images[order]
+        lo, hi = starts[self.geometric[0]], ends[self.geometric[-1]]
+        if maps is not None and hi > lo:
+            source = maps[sorted_key[lo:hi] - self.geometric[0]].unsqueeze(1)  # (g, 1, H * W)
+            moved = grouped[lo:hi].flatten(2).gather(2, source.clamp(min=0).expand(-1, c, -1))
+            fill = torch.tensor(self.how["fill"] or 0.0, device=images.device).round().to(images.dtype)
+            grouped[lo:hi] = torch.where(source < 0, fill.view(1, -1, 1), moved).view(hi - lo, c, h, w)
+        for k in range(2 * len(self.ops)):
+            if ends[k] > starts[k] and not (maps is not None and k in self.geometric):
+                grouped[starts[k]:ends[k]] = RANDAUGMENT_OPS[self.ops[k // 2]][2](
+                    grouped[starts[k]:ends[k]], magnitudes[k], self.how)
+        return torch.empty_like(grouped).index_copy_(0, order, grouped)
+
     def extra_repr(self) -> str:
-        return f"n={self.n}, m={self.m}, num_magnitude_bins={self.reference.num_magnitude_bins}"
+        return f"n={self.n}, m={self.m}, num_magnitude_bins={self.num_magnitude_bins}"
 
 
 class RandomErasing(nn.Module):
