@@ -52,6 +52,17 @@ def test_mlflow_sweep_is_one_experiment_with_a_run_per_job(tmp_path, data_dir, m
         "eval/confusion_matrix.png", "eval/confusion_matrix.csv", "eval/per_class_accuracy.csv"}
 
 
+def test_a_run_that_fails_before_its_trainer_exists_is_tracked_as_failed(tmp_path, data_dir, monkeypatch, capsys):
+    mlflow = pytest.importorskip("mlflow")
+    result = run_in_process(train_main, "vitlab.train", ["logger=mlflow", "name=bad", "model.patch_size=5", *SLICE],
+                            cwd=tmp_path, data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+    assert_short_failure(result, "model.patch_size=5 does not divide")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["runs"])
+    assert len(runs) == 1 and (runs.iloc[0]["status"], runs.iloc[0]["tags.status"]) == ("FAILED", "failed")
+    assert runs.iloc[0]["tags.error"].startswith("ValueError: model.patch_size=5 does not divide")
+
+
 def test_wandb_writes_an_offline_run_into_the_run_folder(tmp_path, data_dir):
     pytest.importorskip("wandb")
     # W&B keeps artifact copies in its own data and cache folders: the test's, here.

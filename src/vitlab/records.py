@@ -127,7 +127,22 @@ class RunRecord(L.Callback):
 
                 plot_run_curves(self.dir)
             tracking.run_ended(self.trainer.loggers, self.dir, self.payload)
+        elif self.writer and self.cfg.get("logger"):
+            self._tell_trackers_of_early_failure()
         return False
+
+    def _tell_trackers_of_early_failure(self) -> None:
+        """A run that failed before its trainer existed (a config mistake) still shows, as
+        failed, in the trackers of a sweep; a tracker that cannot be built is passed over."""
+        from vitlab.config import instantiate_dict
+
+        try:
+            loggers = tracking.trackers(instantiate_dict(self.cfg.logger))
+        except Exception:  # noqa: BLE001 - the run's own failure is what gets reported
+            return
+        if loggers:
+            tracking.run_started(loggers, self.cfg)
+            tracking.run_ended(loggers, self.dir, self.payload)
 
     # -- the trainer's hooks ----------------------------------------------------------------
 
