@@ -16,7 +16,9 @@ and ``range(...)`` are categorical; any other override is fixed for every trial.
 """
 
 import os
+import random
 import socket
+import time
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -121,15 +123,22 @@ class VitlabOptunaSweeper(Sweeper):
 
     def study(self):
         import optuna
+        from sqlalchemy.exc import SQLAlchemyError
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         url = self.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
         # SQLite lets one process write at a time: the others wait for it instead of failing.
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        return optuna.create_study(
-            storage=optuna.storages.RDBStorage(url, engine_kwargs=engine), sampler=self.sampler,
-            study_name=self.study_name or self.sweep_dir.name, direction=self.direction, load_if_exists=True,
-        )
+        for attempt in range(3):
+            try:
+                return optuna.create_study(
+                    storage=optuna.storages.RDBStorage(url, engine_kwargs=engine), sampler=self.sampler,
+                    study_name=self.study_name or self.sweep_dir.name, direction=self.direction, load_if_exists=True,
+                )
+            except SQLAlchemyError:  # processes started together create the tables at once: one wins
+                if attempt == 2:
+                    raise
+                time.sleep(1 + random.random())
 
     def ask(self, study, space: dict) -> list:
         """Trials to launch now: the interrupted ones of this machine, else up to ``n_jobs`` new
