@@ -21,15 +21,15 @@ class DataError(RuntimeError):
 
 
 class BadImageError(DataError):
-    """An image file that cannot be read or decoded (``data.on_bad_file`` decides what follows)."""
+    """An image that cannot be read or decoded (``data.on_bad_file`` decides what follows)."""
 
 
 class CheckpointError(ValueError):
-    """A ``ckpt_path`` the user can fix: not a checkpoint, unsafe, or from another model."""
+    """A ``ckpt_path`` that is not a checkpoint, or from another model."""
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """The file asks to import and call code when loaded."""
+    """A checkpoint that asks to import and call code when loaded."""
 
 
 #: Errors a user causes and fixes; a config mistake is a ValueError.
@@ -45,8 +45,7 @@ def failure_reason(error: BaseException) -> tuple[BaseException, str]:
 
 
 def _log_to_files(text: str) -> str | None:
-    """Write ``text`` to the log files of the root logger only (Hydra's ``<task>.log`` in the
-    output folder), not to the console; the first file's path, or None without one."""
+    """``text`` into the root logger's files only (Hydra's ``<task>.log``); the first one's path."""
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     record = logging.makeLogRecord({"name": __name__, "levelno": logging.ERROR, "levelname": "ERROR", "msg": text})
     for handler in files:
@@ -55,16 +54,11 @@ def _log_to_files(text: str) -> str | None:
 
 
 def entry_point(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """The failure policy of every ``python -m vitlab.<command>``, around its Hydra task.
-
-    - A user error prints ``error: <reason>`` and where the traceback was kept (the command's
-      log file), and exits with status 1.
-    - In a multirun a failed job is logged and the sweep goes on; the job's ``metrics.json``
-      says why, and the sweep exits non-zero at its end (``vitlab.sweep``).
-    - SIGTERM (preemption) exits with status 143 after Lightning's checkpoint on SIGTERM, naming
-      how to resume.
-    - Anything else is a bug and propagates with its traceback.
-    """
+    """The failure policy of every ``python -m vitlab.<command>``, around its Hydra task: a user
+    error prints ``error: <reason>`` and the log file that keeps the traceback, exit status 1; in
+    a multirun a failed job is logged and the sweep goes on (``vitlab.sweep`` exits non-zero at
+    the end); SIGTERM (preemption) exits with 143, naming how to resume; anything else is a bug
+    and keeps its traceback."""
 
     @functools.wraps(task)
     def run(cfg):

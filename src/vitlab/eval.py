@@ -11,7 +11,6 @@ safely (``vitlab.checkpoint``); Lightning's ``trainer.test`` computes ``test/acc
 
 from __future__ import annotations
 
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+import pandas as pd
+from matplotlib.figure import Figure
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -88,49 +89,24 @@ def check_shapes(datamodule, model_cfg: dict[str, Any]) -> None:
         )
 
 
-def plot_confusion(matrix: torch.Tensor, classes: list[str], path: Path) -> None:
-    """Row-normalised confusion matrix with counts, saved as PNG (Agg canvas, no pyplot)."""
-    from matplotlib.figure import Figure
-
-    n = len(classes)
-    rates = matrix.float() / matrix.sum(dim=1, keepdim=True).clamp_min(1)
-    side = max(4.0, 0.45 * n + 2)
-    fig = Figure(figsize=(side + 1, side))
+def write_reports(out: Path, metric: MulticlassConfusionMatrix, classes: list[str]) -> pd.DataFrame:
+    """``confusion_matrix.csv`` (rows: true class, columns: predicted), ``.png`` (torchmetrics'
+    plot, with counts) and ``per_class_accuracy.csv``; returns the per-class table."""
+    matrix = metric.compute().cpu()
+    pd.DataFrame(matrix.numpy(), index=pd.Index(classes, name="true \\ predicted"), columns=classes).to_csv(
+        out / "confusion_matrix.csv")
+    counts = matrix.sum(dim=1)
+    per_class = pd.DataFrame({"class": classes, "accuracy": (matrix.diag() / counts).numpy().round(6),
+                              "correct": matrix.diag().numpy(), "count": counts.numpy()})
+    per_class.to_csv(out / "per_class_accuracy.csv", index=False)
+    side = max(4.0, 0.45 * len(classes) + 2)
+    fig = Figure(figsize=(side + 1, side))  # no pyplot: nothing global is left behind
     ax = fig.add_subplot()
-    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if n <= 30:
-        ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), classes, fontsize=8)
-        for i in range(n):
-            for j in range(n):
-                if matrix[i, j]:
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"accuracy {matrix.diag().sum().item() / max(1, matrix.sum().item()):.4f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def write_reports(out: Path, matrix: torch.Tensor, classes: list[str]) -> list[dict[str, Any]]:
-    with open(out / "confusion_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *classes])
-        for name, row in zip(classes, matrix.tolist()):
-            writer.writerow([name, *row])
-    rows = []
-    for i, name in enumerate(classes):
-        count = int(matrix[i].sum())
-        rows.append({"class": name, "accuracy": round(matrix[i, i].item() / count, 6) if count else None,
-                     "correct": int(matrix[i, i]), "count": count})
-    with open(out / "per_class_accuracy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["class", "accuracy", "correct", "count"])
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_confusion(matrix, classes, out / "confusion_matrix.png")
-    return rows
+    metric.plot(matrix, ax=ax, labels=classes if len(classes) <= 30 else None, add_text=len(classes) <= 30)
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=f"accuracy {matrix.diag().sum().item() / max(1, matrix.sum().item()):.4f}")
+    fig.savefig(out / "confusion_matrix.png", dpi=120, bbox_inches="tight")
+    return per_class
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -159,8 +135,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **{key: float(value) for key, value in results.items()},
     }
     if trainer.is_global_zero:
-        rows = write_reports(out, confusion.matrix, classes)
-        metrics["per_class_accuracy"] = {row["class"]: row["accuracy"] for row in rows}
+        per_class = write_reports(out, confusion.metric, classes)
+        metrics["per_class_accuracy"] = {c: float(a) if n else None for c, a, n in per_class[["class", "accuracy", "count"]].values}
         write_json(out / METRICS_FILE, metrics)
         tracking.eval_ended(info.get("tracking"), out)
         log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f} on {metrics['test_split_size']} images; "

@@ -1,12 +1,11 @@
 """A training run's record, kept by one object: ``metrics.json`` (status, figures, learning
-curves), the resolved ``config.yaml``, the TensorBoard HParams row and ``curves.png``.
+curves), the resolved ``config.yaml``, the TensorBoard HParams row, ``curves.png`` and what the
+trackers hear.
 
-``with RunRecord(cfg, output_dir) as record:`` opens the record with status ``running`` and
-closes it ``completed``, ``failed`` (the one-line reason and the traceback) or
-``interrupted``. In the trainer's callbacks it adds what the fit shows as it goes: the
-per-epoch history, the best checkpoint, throughput, the data read and the test metrics.
-``metrics.json`` is rewritten whole at each step, so it is true at every moment, and a failure
-never removes checkpoints already written.
+``with RunRecord(cfg, output_dir) as record:`` opens it (``running``) and closes it
+(``completed``, ``failed`` with the reason and traceback, or ``interrupted``); as a callback in
+the trainer it adds the per-epoch history, the best checkpoint, throughput, the data read and
+the test metrics. ``metrics.json`` is rewritten whole at each step, so it is true at any moment.
 """
 
 from __future__ import annotations
@@ -89,8 +88,6 @@ class RunRecord(L.Callback):
             self.payload["wall_time_s"] = round(time.time() - self.start, 3)
             write_json(self.dir / METRICS_FILE, self.payload)
 
-    # -- the run ----------------------------------------------------------------------------
-
     def __enter__(self) -> RunRecord:
         # A resumed run counts the wall time of its earlier attempts too.
         self.start = time.time() - float(self.previous.get("wall_time_s", 0.0))
@@ -103,7 +100,6 @@ class RunRecord(L.Callback):
         return self
 
     def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
-        """Parameters and FLOPs per image, counted on the eager network."""
         self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels))
         self.save()
 
@@ -144,8 +140,6 @@ class RunRecord(L.Callback):
             tracking.run_started(loggers, self.cfg)
             tracking.run_ended(loggers, self.dir, self.payload)
 
-    # -- the trainer's hooks ----------------------------------------------------------------
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.trainer = trainer
         if stage == "fit" and self.writer:
@@ -174,8 +168,7 @@ class RunRecord(L.Callback):
         self.save()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The fit's figures, before testing restores the checkpoint callback from the best
-        checkpoint."""
+        # Before testing restores the checkpoint callback from the best checkpoint.
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_score", None)
         throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
@@ -195,10 +188,8 @@ class RunRecord(L.Callback):
         self.payload.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         self.save()
 
-    # -- helpers ----------------------------------------------------------------------------
-
     def _record_data(self, datamodule) -> None:
-        """How the data was read, and the unreadable files skipped (``data.on_bad_file=skip``)."""
+        """How the data was read, and the files skipped (``data.on_bad_file=skip``)."""
         if hasattr(datamodule, "streaming"):
             self.payload["data_streaming"] = bool(datamodule.streaming)
         skipped = getattr(datamodule, "skipped_files", None)
@@ -208,9 +199,8 @@ class RunRecord(L.Callback):
                 self.payload["skipped_file_names"] = sorted(set(skipped.values()))[:1000]
 
     def _log_hparams(self) -> None:
-        """The HParams tab's row: hyperparameters with best val/acc and test metrics, logged
-        under ``hp/*`` at the end of the run, so the table shows final figures rather than
-        Lightning's ``hp_metric`` placeholder."""
+        """The HParams row: hyperparameters with the final ``hp/*`` metrics (not Lightning's
+        ``hp_metric`` placeholder)."""
         tensorboard = next((lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         metrics = {"hp/best_val_acc": self.payload.get("best_val_acc"), "hp/test_acc": self.payload.get("test/acc"),
                    "hp/test_loss": self.payload.get("test/loss")}

@@ -16,18 +16,9 @@ from pandas.api.types import is_bool, is_number
 from vitlab.rundir import METRICS_FILE, read_metrics
 
 #: metrics.json field -> column, in column order (summary.csv: the job, the swept keys, these).
-FIELDS = {
-    "status": "status",
-    "error": "error",
-    "params": "params",
-    "flops_per_image": "flops_per_image",
-    "train_images_per_s": "train_images_per_s",
-    "best_val_acc": "best_val_acc",
-    "test/acc": "test_acc",
-    "test/loss": "test_loss",
-    "epochs": "epochs",
-    "wall_time_s": "wall_time_s",
-}
+FIELDS = {field: field.replace("/", "_") for field in (
+    "status", "error", "params", "flops_per_image", "train_images_per_s", "best_val_acc", "test/acc", "test/loss",
+    "epochs", "wall_time_s")}
 #: What group_stats aggregates by default: mean ± std over the completed jobs of each setting.
 STATS = ("best_val_acc", "test_acc", "wall_time_s", "train_images_per_s")
 

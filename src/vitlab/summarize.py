@@ -21,13 +21,7 @@ from vitlab.results import FIELDS, STATS, group_stats, job_dirs, key_columns, lo
 from vitlab.rundir import METRICS_FILE
 
 #: Number formats of the Markdown tables (the CSV keeps full precision).
-FORMATS = {
-    "best_val_acc": ".4f",
-    "test_acc": ".4f",
-    "test_loss": ".4f",
-    "wall_time_s": ".1f",
-    "train_images_per_s": ".1f",
-}
+FORMATS = {"best_val_acc": ".4f", "test_acc": ".4f", "test_loss": ".4f", "wall_time_s": ".1f", "train_images_per_s": ".1f"}
 
 
 class SweepNotFound(Exception):
