@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from vitlab.config import CONFIG_MODULE, register_resolvers
+from vitlab.config import CONFIG_MODULE, auto_precision, register_resolvers
 from vitlab.models import SimpleViT, flops_per_image
 from vitlab.train import compile_network
 
@@ -241,7 +241,10 @@ def main() -> None:
         print(f"peak RSS GiB {peak_rss_gib():.3f}")
         return
     loader = loader_path(cfg, device, batch_size, sync)
-    peaks = [matmul_peak(dtype, device, sync) for dtype in (torch.bfloat16, torch.float32)]
+    # bf16 where the device has bf16 matrix units (a CPU without them emulates it, very slowly).
+    bf16 = device.type == "cuda" or auto_precision() == "bf16-mixed"
+    dtypes = (torch.bfloat16, torch.float32) if bf16 else (torch.float32,)
+    peaks = [matmul_peak(dtype, device, sync) for dtype in dtypes]
     if not args.no_memory:
         for path in paths:
             path.rss = measure_memory(path.name, args)
@@ -261,9 +264,9 @@ def main() -> None:
 
 
 def matmul_peak(dtype: torch.dtype, device, sync) -> Contender:
-    """Dense square matmul FLOP/s of ``dtype`` (2 n^3 per product; n = 2048 on a CPU, 8192 on a
+    """Dense square matmul FLOP/s of ``dtype`` (2 n^3 per product; n = 1024 on a CPU, 8192 on a
     GPU), the device's practical peak for the model's main operation."""
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if device.type == "cuda" else 1024
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
     return Contender(f"matmul {str(dtype).removeprefix('torch.')}", lambda: a @ b, 2 * n**3, None, sync)
@@ -359,7 +362,7 @@ def report(paths: list[Contender], loader: Contender, peaks: list[Contender], de
     if full is not None and full.flops:
         # Within each round: the path's achieved FLOP/s over the matmul peak measured beside it,
         # bf16 for a bf16 run, fp32 for a 32-bit one (a CPU without bf16 units runs 32-true).
-        top = peaks[0] if precision.startswith("bf16") else peaks[1]
+        top = peaks[0] if precision.startswith("bf16") else peaks[-1]
         within = [3 * full.flops * rate / best for rate, best in zip(full.rates, top.rates)]
         sheet = f", {3 * full.flops * rows['full'] / peak:.1%} of the data sheet's bf16" if peak else ""
         print(f"full/peak = {statistics.median(within):.1%} of the measured {top.name} peak{sheet}")

@@ -111,6 +111,8 @@ def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_
     # The same model on every path: the FLOP counts of seed, bare and full agree.
     assert table["seed"][3] == table["bare"][3] == table["full"][3]
     assert re.search(r"full/bare = \d+\.\d\dx \(rounds \d+\.\d\d-\d+\.\d\d\)", result.stdout)
+    # Training FLOP/s against the matmul peak measured on this device in the same rounds.
+    assert re.search(r"full/peak = \d+\.\d% of the measured matmul (bfloat16|float32) peak", result.stdout)
 
 
 def test_model_flop_utilisation_uses_the_peak_of_the_named_gpu():

@@ -6,12 +6,14 @@ Layout of ``<root>`` (a folder or ``s3://bucket/prefix``)::
     <root>/vitlab.json                 class names, split sizes, where the data came from
     <root>/{train,val[,test]}/         one LitData dataset per split (index.json, chunk-*.bin)
 
-Each sample is ``{"image": bytes, "label": int, "name": bytes}``: the encoded image exactly as
-it was on disk (JPEG, PNG, ... file bytes, never re-encoded), or for the in-memory datasets
+Each sample is ``{"image": uint8 array, "label": int, "name": bytes}``: the encoded image exactly
+as it was on disk (JPEG, PNG, ... file bytes, never re-encoded), or for the in-memory datasets
 (MNIST, CIFAR, synthetic), which have no files, the pixels encoded losslessly as PNG. ``name``
 is the source file relative to the source folder (or ``<split>/<index>``) and names the sample
 in messages; it is stored as bytes because LitData would read a string naming an existing file
-as that file. The samples are written in a seeded random order, so that every chunk is a mix of
+as that file. The image bytes are stored as a numpy array: with pyarrow installed, LitData
+stores a sample of bytes, ints and strings only as an Arrow table at the chunk's end, which its
+reads from S3 then miss (the item comes back empty; litdata 0.2.76). The samples are written in a seeded random order, so that every chunk is a mix of
 all classes (LitData shuffles chunks and the samples inside each chunk, not across chunks).
 
 Reading (``ShardsDataModule``): LitData's ``StreamingDataset`` and ``StreamingDataLoader``,
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
@@ -244,7 +247,7 @@ class FileSamples:
         with open(path, "rb") as f:
             data = f.read()
         name = os.path.relpath(path, self.base)
-        return {"image": data, "label": self.labels[index], "name": os.fsencode(name)}
+        return {"image": np.frombuffer(data, dtype=np.uint8), "label": self.labels[index], "name": os.fsencode(name)}
 
 
 class TensorSamples:
@@ -259,7 +262,7 @@ class TensorSamples:
     def __call__(self, index: int) -> dict[str, Any]:
         from torchvision.io import encode_png
 
-        data = encode_png(self.images[index].contiguous()).numpy().tobytes()
+        data = encode_png(self.images[index].contiguous()).numpy()
         return {"image": data, "label": int(self.labels[index]), "name": f"{self.split}/{index}".encode()}
 
 
