@@ -89,10 +89,11 @@ def check_shapes(datamodule, model_cfg: dict[str, Any]) -> None:
         )
 
 
-def write_reports(out: Path, metric: MulticlassConfusionMatrix, classes: list[str]) -> pd.DataFrame:
+def write_reports(out: Path, confusion: ConfusionMatrix, classes: list[str]) -> pd.DataFrame:
     """``confusion_matrix.csv`` (rows: true class, columns: predicted), ``.png`` (torchmetrics'
-    plot, with counts) and ``per_class_accuracy.csv``; returns the per-class table."""
-    matrix = metric.compute().cpu()
+    plot, with counts) and ``per_class_accuracy.csv`` of the matrix the test computed (on every
+    rank, at its end); returns the per-class table."""
+    matrix = confusion.matrix
     pd.DataFrame(matrix.numpy(), index=pd.Index(classes, name="true \\ predicted"), columns=classes).to_csv(
         out / "confusion_matrix.csv")
     counts = matrix.sum(dim=1)
@@ -102,7 +103,7 @@ def write_reports(out: Path, metric: MulticlassConfusionMatrix, classes: list[st
     side = max(4.0, 0.45 * len(classes) + 2)
     fig = Figure(figsize=(side + 1, side))  # no pyplot: nothing global is left behind
     ax = fig.add_subplot()
-    metric.plot(matrix, ax=ax, labels=classes if len(classes) <= 30 else None, add_text=len(classes) <= 30)
+    confusion.metric.plot(matrix, ax=ax, labels=classes if len(classes) <= 30 else None, add_text=len(classes) <= 30)
     ax.set(xlabel="predicted class", ylabel="true class",
            title=f"accuracy {matrix.diag().sum().item() / max(1, matrix.sum().item()):.4f}")
     fig.savefig(out / "confusion_matrix.png", dpi=120, bbox_inches="tight")
@@ -135,8 +136,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **{key: float(value) for key, value in results.items()},
     }
     if trainer.is_global_zero:
-        per_class = write_reports(out, confusion.metric, classes)
-        metrics["per_class_accuracy"] = {c: float(a) if n else None for c, a, n in per_class[["class", "accuracy", "count"]].values}
+        per_class = write_reports(out, confusion, classes)
+        rows = per_class[["class", "accuracy", "count"]].values
+        metrics["per_class_accuracy"] = {c: float(a) if n else None for c, a, n in rows}
         write_json(out / METRICS_FILE, metrics)
         tracking.eval_ended(info.get("tracking"), out)
         log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f} on {metrics['test_split_size']} images; "
