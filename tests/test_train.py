@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SLICE, run_entry
-from tbutil import hparams, load, scalar_tags
+from tbutil import hparams, hparams_tab, load, scalar_tags
 
 LOGGED = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "train/lr"}
 
@@ -68,6 +68,13 @@ def test_multirun_gives_one_folder_per_job(tmp_path, data_dir):
         assert {"hp/best_val_acc", "hp/test_acc", "hp/test_loss"} <= set(metric_tags)
         assert abs(load(sweep / job).Scalars("hp/test_acc")[-1].value - metrics["test/acc"]) < 1e-6
         assert (sweep / job / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # TensorBoard's HParams tab, opened on all outputs: the swept key is its first column (the tab
+    # shows five), the hp/* metrics are the metric columns, and a trial is named by its job folder.
+    infos, metric_tags, trials = hparams_tab(tmp_path / "outputs")
+    assert infos[0]["name"] == "model/patch_size" and infos[0]["differs"]
+    assert not any(info.get("differs") for info in infos[1:])
+    assert metric_tags == ["hp/best_val_acc", "hp/test_acc", "hp/test_loss"]
+    assert [trial.split(" ")[0] for trial in trials] == jobs and trials[0].endswith(f"({sweep.parent.name}/{sweep.name})")
 
 
 def test_invalid_patch_size_fails_before_training(tmp_path, data_dir):

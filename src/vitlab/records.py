@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,34 +30,60 @@ from vitlab.errors import failure_reason
 from vitlab.models import count_parameters, flops_per_image
 from vitlab.rundir import LAST_CHECKPOINT, METRICS_FILE, read_metrics, write_json
 
-#: Config sections whose fields all go into the HParams table (``_target_`` shortened).
+#: Config sections whose scalar fields all go into the HParams table (``_target_`` as ``name``).
 HPARAM_SECTIONS = ("model", "optimizer", "scheduler", "module")
 #: Single fields that go in as well.
 HPARAM_FIELDS = ("seed", "data.batch_size", "trainer.max_epochs", "trainer.precision")
+#: Config groups whose choice goes in as ``choice/<group>``.
+HPARAM_GROUPS = ("data", "model", "optimizer", "scheduler", "trainer", "experiment")
 #: Epoch-level metrics kept in ``metrics.json["history"]``, beside the epoch's mean training loss.
 HISTORY_KEYS = ("train/acc", "val/loss", "val/acc", "train/lr")
 
 
-def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
-    """Flat ``{"model/patch_size": 4, ...}`` of the hyperparameters a sweep compares."""
-    flat: dict[str, Any] = {}
-    for section in HPARAM_SECTIONS:
-        node = cfg.get(section)
-        if node is None:
+def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None,
+                swept: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """``({"model/patch_size": 4, ...}, [names of the swept])``: the ``swept`` keys first (a config
+    group as ``choice/<group>``), then the hyperparameters a sweep compares, taken from the same
+    flat config the trackers get."""
+    flat, choices, swept = tracking.flat_config(cfg), choices or {}, list(swept)
+    sections = [key for key in flat if key.partition(".")[0] in HPARAM_SECTIONS and key.count(".") == 1]
+    row: dict[str, Any] = {}
+    for key in dict.fromkeys([*swept, *HPARAM_FIELDS, *HPARAM_GROUPS, *sections]):
+        if key in flat and (key in swept or not isinstance(flat[key], list)):
+            name, value = key.replace(".", "/"), flat[key]
+            if key.endswith("._target_"):
+                name, value = name.replace("/_target_", "/name"), str(value).rsplit(".", 1)[-1]
+        elif choices.get(key):
+            name, value = f"choice/{key}", choices[key]
+        else:
             continue
-        for key, value in OmegaConf.to_container(node, resolve=True).items():
-            if key == "_target_":
-                flat[f"{section}/name"] = str(value).rsplit(".", 1)[-1]
-            elif not key.startswith("_") and not isinstance(value, (dict, list)):
-                flat[f"{section}/{key}"] = value
-    for dotted in HPARAM_FIELDS:
-        value = OmegaConf.select(cfg, dotted)
-        if value is not None:
-            flat[dotted.replace(".", "/")] = value
-    for group, choice in (choices or {}).items():
-        if group in ("data", "model", "optimizer", "scheduler", "trainer", "experiment") and choice:
-            flat[f"choice/{group}"] = choice
-    return {k: ("none" if v is None else v) for k, v in flat.items()}
+        row[name] = "none" if value is None else str(value) if isinstance(value, list) else value
+    return row, list(row)[: len([key for key in swept if key in flat or choices.get(key)])]
+
+
+def hparams_summaries(hparams: dict[str, Any], metrics: Iterable[str], swept: Iterable[str], trial: str) -> list:
+    """The three HParams-plugin summaries of a run in TensorBoard's own protos: the experiment
+    (the swept hyperparameters marked as differing, so the tab shows them and the ``hp/*`` metrics
+    as its default columns), the session's values under the trial name ``trial``, and its end."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    start = plugin_data_pb2.SessionStartInfo(group_name=trial, start_time_secs=time.time())
+    infos = []
+    for name, value in hparams.items():
+        kind, field = ((api_pb2.DATA_TYPE_BOOL, "bool_value") if isinstance(value, bool) else
+                       (api_pb2.DATA_TYPE_FLOAT64, "number_value") if isinstance(value, (int, float)) else
+                       (api_pb2.DATA_TYPE_STRING, "string_value"))
+        setattr(start.hparams[name], field, value if kind != api_pb2.DATA_TYPE_STRING else str(value))
+        infos.append(api_pb2.HParamInfo(name=name, type=kind, differs=name in swept))
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=[
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metrics])
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+    parts = {metadata.EXPERIMENT_TAG: {"experiment": experiment},
+             metadata.SESSION_START_INFO_TAG: {"session_start_info": start},
+             metadata.SESSION_END_INFO_TAG: {"session_end_info": end}}
+    return [Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(
+        plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **part)))]) for tag, part in parts.items()]
 
 
 class RunRecord(L.Callback):
@@ -199,8 +226,8 @@ class RunRecord(L.Callback):
                 self.payload["skipped_file_names"] = sorted(set(skipped.values()))[:1000]
 
     def _log_hparams(self) -> None:
-        """The HParams row: hyperparameters with the final ``hp/*`` metrics (not Lightning's
-        ``hp_metric`` placeholder)."""
+        """The HParams row: hyperparameters (the swept ones first) with the final ``hp/*`` metrics,
+        (not Lightning's ``hp_metric`` placeholder)."""
         tensorboard = next((lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         metrics = {"hp/best_val_acc": self.payload.get("best_val_acc"), "hp/test_acc": self.payload.get("test/acc"),
                    "hp/test_loss": self.payload.get("test/loss")}
@@ -210,5 +237,13 @@ class RunRecord(L.Callback):
         from hydra.core.hydra_config import HydraConfig
 
         choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
-        tensorboard.log_hyperparams(hparams_for(self.cfg, choices), metrics=metrics)
-        tensorboard.experiment.flush()
+        where = tracking.run_context(self.cfg.paths.log_dir, self.dir)
+        hparams, differ = hparams_for(self.cfg, choices, where["swept_keys"])
+        # The job folder's name first (all a sweep's folder shows), then the sweep: no two sweeps'
+        # "0_model.patch_size=4" merge into one trial in a TensorBoard opened on outputs/.
+        trial = f"{where['run']} ({where['sweep']})" if where["sweep"] else where["run"]
+        tensorboard.log_metrics(metrics, step=self.trainer.global_step)
+        writer = tensorboard.experiment.file_writer
+        for summary in hparams_summaries(hparams, metrics, differ, trial):
+            writer.add_summary(summary, self.trainer.global_step)
+        writer.flush()
