@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
+from vitlab.budget import cpu_name
 from vitlab.models.simple_vit import posemb_sincos_2d
 from vitlab.plots import plot_pos_emb_similarity
 from vitlab.results import group_stats, job_dirs, load_runs
@@ -337,16 +337,6 @@ ABLATIONS = [
              "Vaswani et al. 2017, Table 3 (A): one head is worse than the best; too many heads lose again.",
              render_heads),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

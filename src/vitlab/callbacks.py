@@ -1,5 +1,5 @@
 """Callbacks that add what Lightning does not log or save by itself (throughput, a checkpoint on
-SIGTERM, the random generators' states), and an EMA of the weights."""
+SIGTERM, the random generators' states, a validation at the last step), and an EMA of the weights."""
 
 from __future__ import annotations
 
@@ -105,6 +105,15 @@ class RNGState(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" in state_dict:
             set_rng_states(state_dict["rng"])
+
+
+class ValidateLastStep(L.Callback):
+    """A run that ends at ``trainer.max_steps`` inside an epoch (``budget.flops``) validates and
+    checkpoints that last step too: Lightning validates when a callback asks it to stop."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class EMA(WeightAveraging):

@@ -130,6 +130,13 @@ class RunRecord(L.Callback):
         self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels))
         self.save()
 
+    def set_budget(self, plan: dict[str, Any]) -> None:
+        """The compute budget, and the config with the steps it set (``vitlab.budget``)."""
+        self.payload["budget"] = plan
+        if self.writer:
+            OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
+        self.save()
+
     def __exit__(self, kind, error, tb) -> bool:
         if error is not None:
             root, reason = failure_reason(error)

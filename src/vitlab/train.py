@@ -16,9 +16,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from vitlab.callbacks import RNGState
+from vitlab import budget
+from vitlab.callbacks import RNGState, ValidateLastStep
 from vitlab.checkpoint import RunInfo, check_compatible, load_checkpoint
 from vitlab.config import CONFIG_PATH, instantiate_dict, instantiate_model, quote_path_overrides, register_resolvers
 from vitlab.errors import entry_point
@@ -60,6 +61,7 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
     net = instantiate_model(cfg.model)
     if record is not None:
         record.describe_model(net, datamodule.image_size, datamodule.channels)
+        apply_budget(cfg, net, datamodule, record)
     compile_network(net, cfg.get("compile"))
     module = hydra.utils.instantiate(
         cfg.module,
@@ -68,6 +70,18 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
     return datamodule, module, build_trainer(cfg, [*callbacks, *((record,) if record else ())])
+
+
+def apply_budget(cfg: DictConfig, net: torch.nn.Module, datamodule, record: RunRecord) -> None:
+    """``budget.flops`` or ``budget.minutes`` set ``trainer.max_steps`` (and no epoch limit)."""
+    plan = budget.plan(cfg, record.payload["flops_per_image"], previous=record.previous.get("budget"),
+                       measure=lambda: budget.measure_images_per_s(net, cfg, datamodule.image_size, datamodule.channels))
+    if plan is not None:
+        with open_dict(cfg):
+            cfg.trainer.max_steps, cfg.trainer.max_epochs = plan["steps"], -1
+        record.set_budget(plan)
+        log.info(f"budget: {plan['steps']} steps of {plan['images'] // plan['steps']} images, "
+                 f"{plan['train_flops']:.3g} training FLOPs")
 
 
 def check_trains(cfg: DictConfig) -> None:
@@ -91,7 +105,7 @@ def train(cfg: DictConfig) -> dict:
         # Opened without unpickling code, before anything is built or trained.
         checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
         L.seed_everything(cfg.seed, workers=True)
-        datamodule, module, trainer = build(cfg, (RNGState(),), record)
+        datamodule, module, trainer = build(cfg, (RNGState(), ValidateLastStep()), record)
         # Every checkpoint describes its run, for eval and predict.
         trainer.callbacks.append(RunInfo(cfg, datamodule))
         if checkpoint is not None:

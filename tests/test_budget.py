@@ -1,0 +1,69 @@
+"""Compute-matched budgets: budget.flops and budget.minutes set the run's steps, the schedule
+follows them, the last step is validated, and metrics.json records the budget."""
+
+import json
+
+import pytest
+from conftest import SLICE, run_entry
+from omegaconf import OmegaConf
+from test_configs import compose_train
+
+from vitlab import budget
+from vitlab.config import instantiate_model
+from vitlab.models import flops_per_image
+
+FLOPS = 5.7e9
+
+
+def forward_flops(*overrides) -> int:
+    cfg = compose_train(*SLICE, *overrides)
+    return flops_per_image(instantiate_model(cfg.model), 28, 1)
+
+
+def test_plan_turns_flops_into_steps_over_every_device():
+    cfg = OmegaConf.create({"budget": {"flops": 6e9, "minutes": None}, "data": {"batch_size": 10},
+                            "trainer": {"devices": 2, "num_nodes": 1, "accumulate_grad_batches": 5}})
+    assert budget.images_per_step(cfg) == 100
+    plan = budget.plan(cfg, flops_per_image=1e6)
+    assert plan == {"flops": 6e9, "steps": 20, "images": 2000, "train_flops": 6e9}
+    cfg.budget.flops = None
+    assert budget.plan(cfg, 1e6) is None, "no budget: trainer.max_epochs decides"
+    cfg.budget.minutes = 2
+    plan = budget.plan(cfg, 1e6, measure=lambda: {"measured_images_per_s": 50.0, "device": "test"})
+    assert plan["steps"] == 60 and plan["device"] == "test" and plan["minutes"] == 2.0
+    resumed = budget.plan(cfg, 1e6, measure=lambda: pytest.fail("a resumed run is not timed again"), previous=plan)
+    assert resumed == plan
+
+
+@pytest.mark.parametrize("budget_overrides, message", [
+    (("budget.flops=1e12", "budget.minutes=5"), "budget.flops=1000000000000.0 and budget.minutes=5 are both set"),
+    (("budget.flops=-1",), "budget.flops=-1 must be a number above 0"),
+    (("budget.minutes=soon",), "budget.minutes='soon' must be a number above 0"),
+])
+def test_bad_budgets_are_refused_in_one_line(budget_overrides, message):
+    cfg = compose_train(*budget_overrides)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        budget.plan(cfg, flops_per_image=1000)
+
+
+def test_a_sweep_at_equal_flops_trains_each_patch_size_for_its_own_steps(tmp_path, data_dir):
+    run_entry("vitlab.train", "-m", "model.patch_size=4,7", f"budget.flops={FLOPS}", *SLICE, cwd=tmp_path,
+              data_dir=data_dir)
+    jobs = sorted(p for p in tmp_path.glob("outputs/multirun/*/*/*") if (p / "metrics.json").is_file())
+    assert [job.name for job in jobs] == ["0_model.patch_size=4", "1_model.patch_size=7"]
+    steps = []
+    for job, patch in zip(jobs, (4, 7)):
+        metrics = json.loads((job / "metrics.json").read_text())
+        expected = round(FLOPS / (3 * forward_flops(f"model.patch_size={patch}") * 64))
+        assert metrics["status"] == "completed"
+        assert metrics["budget"] == {"flops": FLOPS, "steps": expected, "images": expected * 64,
+                                     "train_flops": expected * 3 * metrics["flops_per_image"] * 64}
+        assert metrics["global_step"] == expected and metrics["history"][-1]["step"] == expected
+        # 8 batches an epoch: the last, partial epoch was validated and checkpointed too.
+        assert expected % 8 and len(metrics["history"]) == -(-expected // 8)
+        assert metrics["best_val_acc"] is not None and "val/acc" in metrics["history"][-1]
+        # The cosine schedule ends at the budget's last step (min_lr_ratio 0), not at max_epochs.
+        assert metrics["history"][-1]["train/lr"] < 0.05 * 2e-3
+        assert "max_steps: %d" % expected in (job / "config.yaml").read_text()
+        steps.append(expected)
+    assert steps[0] < steps[1], "the cheaper patch-7 model gets more steps for the same FLOPs"
