@@ -41,38 +41,31 @@ def load_checkpoint(path: str | Path, name: str = "ckpt_path") -> dict[str, Any]
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
-            f"{name}={path} does not exist: pass the path of a .ckpt file "
-            f"(a run keeps its checkpoints in <run folder>/checkpoints/)."
-        )
+        raise FileNotFoundError(f"{name}={path} does not exist: pass the path of a .ckpt file "
+                                f"(a run keeps its checkpoints in <run folder>/checkpoints/).")
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.ckpt"))
         hint = f"one of {found}" if found else "a .ckpt file"
         raise CheckpointError(f"{name}={path} is a folder: pass {hint} inside it.")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{name}={path} is not a PyTorch checkpoint (not the zip archive torch.save writes; "
-            f"it may be truncated or another kind of file): pass a .ckpt written by vitlab.train."
-        )
+        raise CheckpointError(f"{name}={path} is not a PyTorch checkpoint (not the zip archive torch.save writes; "
+                              f"it may be truncated or another kind of file): pass a .ckpt written by vitlab.train.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         # torch names the forbidden import, e.g. "unsupported GLOBAL posix.system".
         lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
         detail = lines[0] if lines else "objects other than tensors"
-        raise UnsafeCheckpointError(
-            f"{name}={path} was refused: it holds code to run when loaded ({detail}), which a checkpoint "
-            f"written by vitlab.train never does. Use a checkpoint from a source you trust."
-        ) from None
+        raise UnsafeCheckpointError(f"{name}={path} was refused: it holds code to run when loaded ({detail}), which a "
+                                    f"checkpoint written by vitlab.train never does. Use a checkpoint from a source "
+                                    f"you trust.") from None
     except (RuntimeError, EOFError, KeyError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{name}={path} is a damaged checkpoint ({first}): use another one, e.g. last.ckpt."
-        ) from err
+        raise CheckpointError(f"{name}={path} is a damaged checkpoint ({first}): use another one, "
+                              f"e.g. last.ckpt.") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise CheckpointError(
-            f"{name}={path} holds no model weights (no state_dict): it is not a Lightning checkpoint."
-        )
+        raise CheckpointError(f"{name}={path} holds no model weights (no state_dict): it is not a Lightning "
+                              f"checkpoint.")
     return checkpoint
 
 
@@ -106,12 +99,10 @@ def state_dict_mismatches(saved: Mapping[str, torch.Tensor], current: Mapping[st
     """Weights missing on either side or of another shape."""
     problems = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(current[k].shape)}"
                 for k in current if k in saved and tuple(saved[k].shape) != tuple(current[k].shape)]
-    missing = [k for k in current if k not in saved]
-    extra = [k for k in saved if k not in current]
-    if missing:
-        problems.append(f"missing in the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if extra:
-        problems.append(f"not in the model: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    for where, keys in (("missing in the checkpoint", [k for k in current if k not in saved]),
+                        ("not in the model", [k for k in saved if k not in current])):
+        if keys:
+            problems.append(f"{where}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
     return problems
 
 
@@ -125,10 +116,8 @@ def check_compatible(checkpoint: Mapping[str, Any], path: str | Path, model_cfg:
     if problems:
         fix = fix or ("set these fields to the checkpoint's values (see config.yaml in its run folder) "
                       "or use another checkpoint")
-        raise CheckpointError(
-            f"{name}={path} comes from a model with a different configuration: {'; '.join(problems)}. "
-            f"{fix.capitalize()}."
-        )
+        raise CheckpointError(f"{name}={path} comes from a model with a different configuration: "
+                              f"{'; '.join(problems)}. {fix.capitalize()}.")
 
 
 def check_targets(node: Any, where: str, allowed: tuple[str, ...] = ("vitlab.",)) -> None:
@@ -137,11 +126,8 @@ def check_targets(node: Any, where: str, allowed: tuple[str, ...] = ("vitlab.",)
     if isinstance(node, Mapping):
         target = node.get("_target_")
         if target is not None and not str(target).startswith(allowed):
-            raise UnsafeCheckpointError(
-                f"{where} names _target_={target}, outside {', '.join(allowed)}: refused "
-                f"(building it could run any code). "
-                f"Pass the config explicitly instead."
-            )
+            raise UnsafeCheckpointError(f"{where} names _target_={target}, outside {', '.join(allowed)}: refused "
+                                        f"(building it could run any code). Pass the config explicitly instead.")
         for key, value in node.items():
             check_targets(value, f"{where}.{key}" if key != "_target_" else where, allowed)
     elif isinstance(node, (list, tuple)):
@@ -191,10 +177,9 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
     info = run_config(checkpoint, path)
     model_cfg = info.get("model")
     if not isinstance(model_cfg, Mapping) or "_target_" not in model_cfg:
-        raise CheckpointError(
-            f"{name}={path} does not say which model it holds (no run description inside and no config.yaml "
-            f"in its run folder): keep it in its run folder (<run>/checkpoints/) beside the run's config.yaml."
-        )
+        raise CheckpointError(f"{name}={path} does not say which model it holds (no run description inside and no "
+                              f"config.yaml in its run folder): keep it in its run folder (<run>/checkpoints/) "
+                              f"beside the run's config.yaml.")
     check_targets(model_cfg, f"{name}={path}: model")
     net = instantiate_model(model_cfg)
     if test_hflip is None:
@@ -205,4 +190,3 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
     check_compatible(checkpoint, path, model_cfg, module, name)
     module.load_state_dict(checkpoint["state_dict"])
     return module, info
-

@@ -122,7 +122,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = data_config(cfg, info)
     datamodule = hydra.utils.instantiate(data)
     check_shapes(datamodule, info["model"])
-    classes = list(datamodule.class_names)
     confusion = ConfusionMatrix(datamodule.num_classes)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[confusion], enable_checkpointing=False,
                                       enable_model_summary=False)
@@ -136,7 +135,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **{key: float(value) for key, value in results.items()},
     }
     if trainer.is_global_zero:
-        per_class = write_reports(out, confusion, classes)
+        per_class = write_reports(out, confusion, list(datamodule.class_names))
         rows = per_class[["class", "accuracy", "count"]].values
         metrics["per_class_accuracy"] = {c: float(a) if n else None for c, a, n in rows}
         write_json(out / METRICS_FILE, metrics)

@@ -135,12 +135,8 @@ class SweepCallback(Callback):
             return
         metrics = read_metrics(config.hydra.runtime.output_dir)
         status = metrics.get("status", "failed" if job_return.status == JobStatus.FAILED else "unknown")
-        if status == "failed":
-            detail = metrics.get("error", "")
-        else:
-            detail = ", ".join(
-                f"{key}={metrics[key]:.4f}" for key in ("best_val_acc", "test/acc") if isinstance(metrics.get(key), float)
-            )
+        detail = metrics.get("error", "") if status == "failed" else ", ".join(
+            f"{key}={metrics[key]:.4f}" for key in ("best_val_acc", "test/acc") if isinstance(metrics.get(key), float))
         print(f"{self._label(config)} {status}" + (f": {detail}" if detail else ""), flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

@@ -75,8 +75,7 @@ class RandomCropFlip(nn.Module):
         super().__init__()
         if padding < 0:
             raise ValueError(f"data.augment.crop_flip.padding={padding} must be >= 0")
-        self.padding = padding
-        self.hflip = hflip
+        self.padding, self.hflip = padding, hflip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not (self.padding or self.hflip):
@@ -268,10 +267,8 @@ class MixUpCutMix(nn.Module):
         choices = [t for t in (self.mixup, self.cutmix) if t is not None]
         if not choices or len(images) < 2 or float(torch.rand(())) >= self.prob:
             return images, F.one_hot(labels, self.num_classes).to(images.dtype)
-        if len(choices) == 2:
-            transform = self.cutmix if float(torch.rand(())) < self.switch_prob else self.mixup
-        else:
-            transform = choices[0]
+        transform = choices[0] if len(choices) == 1 else (
+            self.cutmix if float(torch.rand(())) < self.switch_prob else self.mixup)
         images, targets = transform(images, labels)
         return images, targets.to(images.dtype)
 

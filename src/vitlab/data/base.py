@@ -11,7 +11,9 @@ uint8 and are normalised and augmented batch-wise on the training device in
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -58,10 +60,8 @@ def split(dataset: InMemoryImages, val_size: int, seed: int) -> tuple[InMemoryIm
         raise ValueError(f"data.val_size={val_size} must be between 0 and {len(dataset) - 1}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size], order[val_size:]
-    return (
-        InMemoryImages(dataset.images[train], dataset.labels[train]),
-        InMemoryImages(dataset.images[val], dataset.labels[val]),
-    )
+    images, labels = dataset.images, dataset.labels
+    return InMemoryImages(images[train], labels[train]), InMemoryImages(images[val], labels[val])
 
 
 class InMemoryImageDataModule(L.LightningDataModule):
@@ -74,34 +74,19 @@ class InMemoryImageDataModule(L.LightningDataModule):
     ``skipped_files``. ``seed`` orders the training batches (with the epoch).
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        channels: int,
-        num_classes: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        class_names: Sequence[str] | None = None,
-        augment: Mapping[str, nn.Module | None] | Sequence[nn.Module] | nn.Module | None = None,
-        seed: int = 0,
-    ):
+    def __init__(self, *, image_size: int, channels: int, num_classes: int, mean: Sequence[float],
+                 std: Sequence[float], batch_size: int = 128, eval_batch_size: int | None = None,
+                 num_workers: int = 0, pin_memory: bool = False, class_names: Sequence[str] | None = None,
+                 augment: Mapping[str, nn.Module | None] | Sequence[nn.Module] | nn.Module | None = None,
+                 seed: int = 0):
         super().__init__()
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"data.mean={list(mean)} and data.std={list(std)} need one value per channel ({channels})")
-        self.image_size = image_size
-        self.channels = channels
-        self.num_classes = num_classes
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.seed = seed
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.collate_fn = keep_batch
         self.resume = ResumePoint()
         #: ``"<split>:<index>"`` -> file of each unreadable file skipped so far (this process).
@@ -122,16 +107,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
             return train_loader(dataset, batch_size=self.batch_size, seed=self.seed, trainer=self.trainer,
                                 resume=self.resume, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                 collate_fn=self.collate_fn)
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate_fn,
-        )
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, drop_last=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -143,9 +121,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         return self._loader(self.test_set, train=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean = self.mean.to(images.device)
-        std = self.std.to(images.device)
-        return (images.float().div_(255) - mean) / std
+        return (images.float().div_(255) - self.mean.to(images.device)) / self.std.to(images.device)
 
     def describe_file(self, item, split: str) -> str:
         """How a skipped sample (as the batch reports it: an index, or a name) is named in the
@@ -185,3 +161,30 @@ class InMemoryImageDataModule(L.LightningDataModule):
         if self.augment is not None and training:
             return self.augment(images, labels, self.normalize)
         return self.normalize(images), labels
+
+
+class OfficialSplitDataModule(InMemoryImageDataModule):
+    """A dataset with an official train and test set, read in place from ``data_dir`` by the
+    subclass's ``_load(train)``: the train set split (seeded) into train and validation, the
+    test set as the test split."""
+
+    def __init__(self, *, data_dir: str, val_size: int = 5000, split_seed: int = 0, download: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.data_dir = Path(data_dir).expanduser()
+        self.val_size, self.split_seed, self.download = val_size, split_seed, download
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            self.train_set, self.val_set = split(self._load(train=True), self.val_size, self.split_seed)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self._load(train=False)
+
+
+def writable(folder: Path) -> bool:
+    """Whether downloads can go into ``folder`` (made if missing): not in a read-only data
+    directory, where the caller reports what is missing instead."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)

@@ -15,7 +15,6 @@ the only globals it resolves); any other global refuses the file.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torchvision.datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_url
 
-from vitlab.data.base import InMemoryImageDataModule, InMemoryImages, split
+from vitlab.data.base import InMemoryImages, OfficialSplitDataModule, writable
 from vitlab.errors import DataError
 
 # numpy's array reconstructor under every module path a pickle may name it by: numpy 1
@@ -64,9 +63,8 @@ def load_pickle(raw: bytes, source: str) -> dict:
     return entry
 
 
-class CIFARDataModule(InMemoryImageDataModule):
-    """A CIFAR dataset: 32x32 RGB, the official train set split (seeded) into train and
-    validation, the official test set as the test split."""
+class CIFARDataModule(OfficialSplitDataModule):
+    """A CIFAR dataset: 32x32 RGB."""
 
     #: torchvision's dataset class: gives the folder and archive names, file MD5s and URL.
     torchvision_class: type[tvd.CIFAR10] = tvd.CIFAR10
@@ -74,13 +72,8 @@ class CIFARDataModule(InMemoryImageDataModule):
     label_key = "labels"
     title = "CIFAR-10"
 
-    def __init__(self, *, data_dir: str, val_size: int = 5000, split_seed: int = 0, download: bool = True,
-                 verify_md5: bool = True, **kwargs):
+    def __init__(self, *, verify_md5: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.data_dir = Path(data_dir).expanduser()
-        self.val_size = val_size
-        self.split_seed = split_seed
-        self.download = download
         # Off only for files that are not the official ones (the tests' generated files).
         self.verify_md5 = verify_md5
 
@@ -100,9 +93,7 @@ class CIFARDataModule(InMemoryImageDataModule):
         """The complete extracted folder, else the archive, else None."""
         if all((self.folder / name).is_file() for name in self.file_md5s()):
             return self.folder
-        if self.archive.is_file():
-            return self.archive
-        return None
+        return self.archive if self.archive.is_file() else None
 
     def prepare_data(self) -> None:
         source = self.source()
@@ -117,10 +108,8 @@ class CIFARDataModule(InMemoryImageDataModule):
             )
         if not self.verify_md5:
             return
-        if source == self.archive:
-            checks = {self.archive: self.torchvision_class.tgz_md5}
-        else:
-            checks = {self.folder / name: md5 for name, md5 in self.file_md5s().items()}
+        checks = ({self.archive: self.torchvision_class.tgz_md5} if source == self.archive
+                  else {self.folder / name: md5 for name, md5 in self.file_md5s().items()})
         for path, md5 in checks.items():
             if not check_integrity(str(path), md5):
                 raise DataError(
@@ -129,11 +118,7 @@ class CIFARDataModule(InMemoryImageDataModule):
                 )
 
     def _try_download(self) -> None:
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            return  # read-only data directory: the caller reports what is missing
-        if not os.access(self.data_dir, os.W_OK):
+        if not writable(self.data_dir):
             return
         tv = self.torchvision_class
         try:
@@ -187,17 +172,9 @@ class CIFARDataModule(InMemoryImageDataModule):
                             f"check data.num_classes={self.num_classes} or the files.")
         return InMemoryImages(torch.cat(images), labels)
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate") and self.train_set is None:
-            self.train_set, self.val_set = split(self._load(train=True), self.val_size, self.split_seed)
-        if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self._load(train=False)
-
 
 class CIFAR10DataModule(CIFARDataModule):
-    torchvision_class = tvd.CIFAR10
-    label_key = "labels"
-    title = "CIFAR-10"
+    """CIFAR-10: the defaults of ``CIFARDataModule``."""
 
 
 class CIFAR100DataModule(CIFARDataModule):

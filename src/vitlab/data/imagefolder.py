@@ -44,13 +44,10 @@ IN_MEMORY_CHOICES = ("auto", True, False)
 STATISTICS_SAMPLE = 2000
 
 
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def image_files(folder: Path) -> list[Path]:
-    """Image files directly in ``folder`` and below it, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    """Image files (not hidden ones) directly in ``folder`` and below it, sorted."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -74,11 +71,6 @@ def load_image(path: str | Path, channels: int, size: int, resize: str = "crop")
     return resize_to(read_image(path, channels), size, resize)
 
 
-def memory_bytes() -> int:
-    """This machine's physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 class FileList(Sequence):
     """``(path, label)`` pairs of one split, held as two numpy arrays (byte-string paths and
     int64 labels) rather than a list of Python objects: about a fifth of the memory, and forked
@@ -91,27 +83,18 @@ class FileList(Sequence):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def path(self, index: int) -> Path:
-        return Path(os.fsdecode(self.paths[index]))
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return self.path(index), int(self.labels[index])
+    def __getitem__(self, index: int) -> tuple[Path, int]:
+        return Path(os.fsdecode(self.paths[index])), int(self.labels[index])
 
 
 class ImageFileDataset(Dataset):
-    """Labelled image files read per sample: ``dataset[key] -> (image, label, skipped)``.
-
-    The files are a ``FileList`` (numpy arrays), shared by forked workers.
-    """
+    """Labelled image files (a ``FileList``) read per sample: ``dataset[key] -> (image, label, skipped)``."""
 
     def __init__(self, files: Sequence[tuple[Path, int]], channels: int, transform, on_bad_file: str = "error",
                  decode_on: str = "workers"):
         files = files if isinstance(files, FileList) else FileList([p for p, _ in files], [lb for _, lb in files])
         self.paths, self.labels = files.paths, files.labels
-        self.channels, self.transform, self.on_bad_file = channels, transform, on_bad_file
-        self.decode_on = decode_on
+        self.channels, self.transform, self.on_bad_file, self.decode_on = channels, transform, on_bad_file, decode_on
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -149,6 +132,15 @@ def pixel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[list[floa
     return mean.tolist(), std.tolist()
 
 
+def use_statistics(datamodule: InMemoryImageDataModule, images: torch.Tensor, where: str) -> None:
+    """Normalise ``datamodule``'s batches by the statistics of ``images`` (training images)."""
+    mean, std = pixel_statistics(images)
+    datamodule.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    datamodule.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    datamodule.computed_stats = False
+    log.info(f"pixel statistics of {where}: mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
+
+
 class ImageFolderDataModule(InMemoryImageDataModule):
     """Images in ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (``test/`` optional).
 
@@ -158,28 +150,12 @@ class ImageFolderDataModule(InMemoryImageDataModule):
     4 (one per core) when streaming.
     """
 
-    def __init__(
-        self,
-        *,
-        root: str | None,
-        image_size: int,
-        channels: int = 3,
-        num_classes: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        resize: str = "crop",
-        in_memory: str | bool = "auto",
-        memory_budget_gb: float | None = None,
-        train_crop: str = "random_resized",
-        scale: Sequence[float] = (0.08, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: bool = True,
-        crop_pct: float = 0.875,
-        on_bad_file: str = "error",
-        decode_on: str = "workers",
-        num_workers: int | None = None,
-        **kwargs,
-    ):
+    def __init__(self, *, root: str | None, image_size: int, channels: int = 3, num_classes: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, resize: str = "crop",
+                 in_memory: str | bool = "auto", memory_budget_gb: float | None = None,
+                 train_crop: str = "random_resized", scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True, crop_pct: float = 0.875,
+                 on_bad_file: str = "error", decode_on: str = "workers", num_workers: int | None = None, **kwargs):
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels}: image folders are read as RGB (3) or grayscale (1).")
         if resize not in RESIZE_MODES:
@@ -198,10 +174,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.files = self._scan()
         classes = class_folders(self.root / "train")
         if num_classes is not None and num_classes != len(classes):
-            raise ValueError(
-                f"data.num_classes={num_classes} but {self.root / 'train'} has {len(classes)} class folders: "
-                f"leave data.num_classes at its default (counted from the folders)."
-            )
+            raise ValueError(f"data.num_classes={num_classes} but {self.root / 'train'} has {len(classes)} class "
+                             f"folders: leave data.num_classes at its default (counted from the folders).")
         self.computed_stats = mean is None or std is None
         self.resize = resize
         self.on_bad_file = on_bad_file
@@ -209,17 +183,10 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.decode_on = decode_on if self.streaming else "workers"
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1) if self.streaming else 0
-        super().__init__(
-            image_size=image_size,
-            channels=channels,
-            num_classes=len(classes),
-            # Placeholders until setup computes the training images' statistics.
-            mean=[0.5] * channels if self.computed_stats else mean,
-            std=[0.25] * channels if self.computed_stats else std,
-            class_names=classes,
-            num_workers=num_workers,
-            **kwargs,
-        )
+        super().__init__(image_size=image_size, channels=channels, num_classes=len(classes), class_names=classes,
+                         # Placeholders until setup computes the training images' statistics.
+                         mean=[0.5] * channels if self.computed_stats else mean,
+                         std=[0.25] * channels if self.computed_stats else std, num_workers=num_workers, **kwargs)
         if self.streaming:
             self.collate_fn = collate_encoded if self.decode_on == "device" else collate_samples
             options = dict(resize=resize, crop_pct=crop_pct, scale=scale, ratio=ratio, train_crop=train_crop)
@@ -229,7 +196,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
     def _choose_streaming(self, in_memory, budget_gb: float | None, image_size: int, channels: int) -> bool:
         images = sum(len(entries) for entries in self.files.values())
         decoded = images * channels * image_size * image_size
-        budget = budget_gb * 2**30 if budget_gb is not None else memory_bytes() / 4
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = budget_gb * 2**30 if budget_gb is not None else ram / 4
         sizes = (f"{images} images, {decoded / 2**30:.2f} GiB decoded at {channels}x{image_size}x{image_size}, "
                  f"budget {budget / 2**30:.2f} GiB")
         if in_memory == "auto":
@@ -259,9 +227,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         that all splits have the same classes."""
         classes = class_folders(self.root / "train")
         if not classes:
-            raise DataError(
-                f"{self.root / 'train'} has no class folders: put the images of each class in train/<class>/."
-            )
+            raise DataError(f"{self.root / 'train'} has no class folders: put the images of each class in "
+                            f"train/<class>/.")
         files: dict[str, FileList] = {}
         for split in ("train", "val", "test"):
             split_dir = self.root / split
@@ -271,18 +238,14 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             if found != classes:
                 missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
                 parts = ([f"missing {missing}"] if missing else []) + ([f"not in train/ {extra}"] if extra else [])
-                raise DataError(
-                    f"the class folders of {split_dir} differ from those of train/: {'; '.join(parts)}. "
-                    f"Every split needs the same class folders."
-                )
+                raise DataError(f"the class folders of {split_dir} differ from those of train/: {'; '.join(parts)}. "
+                                f"Every split needs the same class folders.")
             paths, labels = [], []
             for label, name in enumerate(classes):
                 images = image_files(split_dir / name)
                 if not images:
-                    raise DataError(
-                        f"{split_dir / name} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}): "
-                        f"add images or remove the class folder from every split."
-                    )
+                    raise DataError(f"{split_dir / name} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}): "
+                                    f"add images or remove the class folder from every split.")
                 paths += images
                 labels += [label] * len(images)
             files[split] = FileList(paths, labels)
@@ -309,10 +272,6 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         log.info(f"{self.root / split}: {len(kept)} images decoded to {shape} in {seconds:.1f} s")
         return InMemoryImages(images[: len(kept)].clone() if len(kept) < len(entries) else images, labels)
 
-    def _stream(self, split: str) -> ImageFileDataset:
-        transform = self.train_transform if split == "train" else self.eval_transform
-        return ImageFileDataset(self.files[split], self.channels, transform, self.on_bad_file, self.decode_on)
-
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """With ``decode_on=device``: decode the batch's files on the training device and crop
         them there (the same seeded transforms as in the workers); an undecodable file stops the
@@ -336,8 +295,11 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         keep = torch.tensor([position for _, position in kept], dtype=torch.long)
         return torch.stack([image for image, _ in kept]), labels[keep], skipped
 
-    def _split(self, split: str):
-        return self._stream(split) if self.streaming else self._decode(split)
+    def _split(self, split: str) -> InMemoryImages | ImageFileDataset:
+        if not self.streaming:
+            return self._decode(split)
+        transform = self.train_transform if split == "train" else self.eval_transform
+        return ImageFileDataset(self.files[split], self.channels, transform, self.on_bad_file, self.decode_on)
 
     def describe_file(self, item, split: str) -> str:
         dataset = getattr(self, f"{split}_set", None)
@@ -372,12 +334,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             where = f"{count} of the {len(dataset)} images of {self.root / 'train'}"
         else:
             images, where = self.train_set.images, str(self.root / "train")
-        mean, std = pixel_statistics(images)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.computed_stats = False
-        log.info(f"pixel statistics of {where}: "
-                 f"mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
+        use_statistics(self, images, where)
 
 
 def list_images(path: str | Path, name: str = "input") -> list[Path]:
@@ -389,9 +346,8 @@ def list_images(path: str | Path, name: str = "input") -> list[Path]:
         return [path]
     files = image_files(path)
     if not files:
-        raise DataError(
-            f"{name}={path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} in it and its subfolders)."
-        )
+        raise DataError(f"{name}={path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} in it and its "
+                        f"subfolders).")
     return files
 
 

@@ -59,8 +59,7 @@ class EpochSampler(DistributedSampler):
             start = self.resume.batches * self.batch_size
             self.resume.pending = False
         epoch = self.epoch
-        indices = list(super().__iter__())
-        for index in indices[start:]:
+        for index in list(super().__iter__())[start:]:
             yield index, sample_seed(self.seed, epoch, index)
 
 

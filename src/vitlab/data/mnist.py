@@ -9,7 +9,6 @@ there; otherwise one sentence says which files to put where.
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,8 @@ import torch
 import torchvision.datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_url
 
-from vitlab.data.base import InMemoryImageDataModule, InMemoryImages, split
+from vitlab.data.base import InMemoryImages, OfficialSplitDataModule, writable
 from vitlab.errors import DataError
-
-
-_IDX_DTYPES = {0x08: np.uint8}
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -30,7 +26,7 @@ def read_idx(path: Path) -> torch.Tensor:
         raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as err:
         raise DataError(f"{path} is not a readable gzip file ({err}); delete it and download it again.") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":  # the magic number: two zero bytes, 0x08 (unsigned byte)
         raise DataError(f"{path} is not an IDX file of unsigned bytes; delete it and download it again.")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
@@ -40,23 +36,15 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape).copy())
 
 
-class MNISTLikeDataModule(InMemoryImageDataModule):
-    """A dataset in MNIST's raw format: 28x28 grayscale, official 60k/10k train/test split.
-
-    The official training set is split (seeded) into train and validation; the official test
-    set is the test split.
-    """
+class MNISTLikeDataModule(OfficialSplitDataModule):
+    """A dataset in MNIST's raw format: 28x28 grayscale, official 60k/10k train/test split."""
 
     #: torchvision's dataset class: gives the folder name, file names, MD5s and mirrors.
     torchvision_class: type[tvd.MNIST] = tvd.MNIST
 
-    def __init__(self, *, data_dir: str, val_size: int = 5000, split_seed: int = 0, download: bool = True, **kwargs):
+    def __init__(self, **kwargs):
         kwargs.setdefault("class_names", self.torchvision_class.classes)
         super().__init__(**kwargs)
-        self.data_dir = Path(data_dir).expanduser()
-        self.val_size = val_size
-        self.split_seed = split_seed
-        self.download = download
 
     @property
     def raw_folder(self) -> Path:
@@ -84,11 +72,7 @@ class MNISTLikeDataModule(InMemoryImageDataModule):
                 )
 
     def _try_download(self, missing: list[str]) -> None:
-        try:
-            self.raw_folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            return  # read-only data directory: the caller reports what is missing
-        if not os.access(self.raw_folder, os.W_OK):
+        if not writable(self.raw_folder):
             return
         md5s = dict(self.torchvision_class.resources)
         for name in missing:
@@ -104,12 +88,6 @@ class MNISTLikeDataModule(InMemoryImageDataModule):
         images = read_idx(self.raw_folder / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(self.raw_folder / f"{prefix}-labels-idx1-ubyte.gz")
         return InMemoryImages(images.unsqueeze(1), labels)
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate") and self.train_set is None:
-            self.train_set, self.val_set = split(self._load(train=True), self.val_size, self.split_seed)
-        if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self._load(train=False)
 
 
 class MNISTDataModule(MNISTLikeDataModule):

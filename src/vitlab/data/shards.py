@@ -13,16 +13,14 @@ is the source file relative to the source folder (or ``<split>/<index>``) and na
 in messages; it is stored as bytes because LitData would read a string naming an existing file
 as that file. The image bytes are stored as a numpy array: with pyarrow installed, LitData
 stores a sample of bytes, ints and strings only as an Arrow table at the chunk's end, which its
-reads from S3 then miss (the item comes back empty; litdata 0.2.76). The samples are written in a seeded random order, so that every chunk is a mix of
-all classes (LitData shuffles chunks and the samples inside each chunk, not across chunks).
+reads from S3 then miss (the item comes back empty; litdata 0.2.76). Samples are written in a
+seeded random order, so that every chunk mixes all classes (LitData shuffles chunks and the
+samples inside each chunk, not across chunks).
 
 Reading (``ShardsDataModule``): LitData's ``StreamingDataset`` and ``StreamingDataLoader``,
-shuffled per epoch from ``seed``; each DDP rank and each loader worker reads its own samples.
-The per-image decode and crop/flip are those of the streaming image folder
-(``vitlab.data.transforms``), seeded per sample from ``seed``, the epoch and the sample's index
-in the shards. The training loader's position in the epoch travels in Lightning's checkpoints
-(``StreamingDataLoader.state_dict``), so a run stopped in the middle of an epoch resumes with
-the batches the uninterrupted run would have drawn.
+shuffled per epoch from ``seed``, each image decoded and cropped as a streamed image folder's
+(``vitlab.data.transforms``); the training loader's position travels in Lightning's
+checkpoints, so a run stopped mid-epoch resumes with the batches it would have drawn.
 
 Beyond LitData's public API this module relies on ``ChunkedIndex`` and a dataset's
 ``worker_intervals`` (replacing an unreadable sample within its chunk) and on
@@ -49,7 +47,7 @@ from litdata.streaming.sampler import ChunkedIndex
 
 from vitlab.data.base import InMemoryImageDataModule, InMemoryImages
 from vitlab.errors import BadImageError, DataError
-from vitlab.data.imagefolder import STATISTICS_SAMPLE, ImageFolderDataModule, pixel_statistics
+from vitlab.data.imagefolder import STATISTICS_SAMPLE, ImageFolderDataModule, use_statistics
 from vitlab.data.loading import BAD_FILE_POLICIES, MAX_REPLACEMENTS, collate_samples, sample_seed
 from vitlab.data.transforms import SampleTransform, check_transform_options, decode
 
@@ -114,55 +112,43 @@ def _s3_error(url: str, err: Exception) -> DataError:
     return DataError(f"{url} cannot be read ({err}).")
 
 
-def _missing(err: Exception) -> bool:
-    import botocore.exceptions as bx
-
-    code = err.response.get("Error", {}).get("Code") if isinstance(err, bx.ClientError) else None
-    return code in ("NoSuchKey", "404", "NotFound")
-
-
-def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """A small text file, local or on S3; ``FileNotFoundError`` if it is not there."""
-    if not is_remote(url):
-        return Path(url).read_text()
+def _s3(method: str, url: str, storage_options: Mapping[str, Any] | None, **kwargs) -> Any:
+    """One boto3 call on the object at ``url`` (``get_object``: its text); ``FileNotFoundError``
+    if a read finds no object there, else a ``DataError`` saying what went wrong."""
     import botocore.exceptions as bx
 
     bucket, key = _bucket_key(url)
     try:
-        return _s3_client(storage_options).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        response = getattr(_s3_client(storage_options), method)(Bucket=bucket, Key=key, **kwargs)
+        return response["Body"].read().decode() if method == "get_object" else response
     except (bx.BotoCoreError, bx.ClientError) as err:
-        if _missing(err):
+        code = err.response.get("Error", {}).get("Code") if isinstance(err, bx.ClientError) else None
+        if method != "put_object" and code in ("NoSuchKey", "404", "NotFound"):
             raise FileNotFoundError(url) from None
         raise _s3_error(url, err) from None
 
 
-def write_text(url: str, text: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    if not is_remote(url):
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        Path(url).write_text(text)
-        return
-    import botocore.exceptions as bx
+def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A small text file, local or on S3; ``FileNotFoundError`` if it is not there."""
+    return _s3("get_object", url, storage_options) if is_remote(url) else Path(url).read_text()
 
-    bucket, key = _bucket_key(url)
-    try:
-        _s3_client(storage_options).put_object(Bucket=bucket, Key=key, Body=text.encode())
-    except (bx.BotoCoreError, bx.ClientError) as err:
-        raise _s3_error(url, err) from None
+
+def write_text(url: str, text: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    if is_remote(url):
+        _s3("put_object", url, storage_options, Body=text.encode())
+        return
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    Path(url).write_text(text)
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     if not is_remote(url):
         return Path(url).is_file()
-    import botocore.exceptions as bx
-
-    bucket, key = _bucket_key(url)
     try:
-        _s3_client(storage_options).head_object(Bucket=bucket, Key=key)
-        return True
-    except (bx.BotoCoreError, bx.ClientError) as err:
-        if _missing(err):
-            return False
-        raise _s3_error(url, err) from None
+        _s3("head_object", url, storage_options)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def use_sdk_for_plain_http(storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -220,10 +206,8 @@ def shard_classes(root: str | None, storage_options: Mapping[str, Any] | None = 
     or null if it cannot be read: the datamodule then says what is wrong."""
     if not root:
         return None
-    if storage_options is not None and not isinstance(storage_options, Mapping):
-        storage_options = None
     try:
-        options = dict(storage_options) if storage_options else None
+        options = dict(storage_options) if isinstance(storage_options, Mapping) and storage_options else None
         return len(json.loads(read_text(join(str(root), META_FILE), options))["classes"])
     except (OSError, ValueError, KeyError, TypeError, DataError):
         return None
@@ -244,10 +228,8 @@ class FileSamples:
 
     def __call__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        with open(path, "rb") as f:
-            data = f.read()
-        name = os.path.relpath(path, self.base)
-        return {"image": np.frombuffer(data, dtype=np.uint8), "label": self.labels[index], "name": os.fsencode(name)}
+        return {"image": np.frombuffer(Path(path).read_bytes(), dtype=np.uint8), "label": self.labels[index],
+                "name": os.fsencode(os.path.relpath(path, self.base))}
 
 
 class TensorSamples:
@@ -435,27 +417,12 @@ class ShardsDataModule(InMemoryImageDataModule):
     #: Read per sample in loader workers (``vitlab.predict`` then resizes as evaluation did).
     streaming = True
 
-    def __init__(
-        self,
-        *,
-        root: str | None,
-        image_size: int,
-        channels: int = 3,
-        num_classes: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        resize: str = "crop",
-        train_crop: str = "random_resized",
-        scale: Sequence[float] = (0.08, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: bool = True,
-        crop_pct: float = 0.875,
-        on_bad_file: str = "error",
-        num_workers: int | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        cache_dir: str | None = None,
-        **kwargs,
-    ):
+    def __init__(self, *, root: str | None, image_size: int, channels: int = 3, num_classes: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, resize: str = "crop",
+                 train_crop: str = "random_resized", scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True, crop_pct: float = 0.875,
+                 on_bad_file: str = "error", num_workers: int | None = None,
+                 storage_options: Mapping[str, Any] | None = None, cache_dir: str | None = None, **kwargs):
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels}: shards are decoded as RGB (3) or grayscale (1).")
         if on_bad_file not in BAD_FILE_POLICIES:
@@ -475,17 +442,11 @@ class ShardsDataModule(InMemoryImageDataModule):
         self.computed_stats = mean is None or std is None
         self.on_bad_file = on_bad_file
         self.cache_dir = cache_dir
-        super().__init__(
-            image_size=image_size,
-            channels=channels,
-            num_classes=len(classes),
-            # Placeholders until setup computes the training images' statistics.
-            mean=[0.5] * channels if self.computed_stats else mean,
-            std=[0.25] * channels if self.computed_stats else std,
-            class_names=classes,
-            num_workers=min(4, os.cpu_count() or 1) if num_workers is None else num_workers,
-            **kwargs,
-        )
+        super().__init__(image_size=image_size, channels=channels, num_classes=len(classes), class_names=classes,
+                         # Placeholders until setup computes the training images' statistics.
+                         mean=[0.5] * channels if self.computed_stats else mean,
+                         std=[0.25] * channels if self.computed_stats else std,
+                         num_workers=min(4, os.cpu_count() or 1) if num_workers is None else num_workers, **kwargs)
         self.collate_fn = collate_samples
         options = dict(resize=resize, crop_pct=crop_pct, scale=scale, ratio=ratio, train_crop=train_crop)
         self.train_transform = SampleTransform(image_size, train=True, hflip=hflip, **options)
@@ -498,16 +459,14 @@ class ShardsDataModule(InMemoryImageDataModule):
         return "test" if "test" in self.splits else "val"
 
     def _dataset(self, split: str, train: bool, transform: SampleTransform | None = None) -> ShardDataset:
-        kwargs: dict[str, Any] = {}
-        if not train:
-            # Every evaluation sample once across the ranks: LitData's default under DDP would
-            # drop the remainder to give each rank as many as the others.
-            kwargs["drop_last"] = False
         return ShardDataset(
             join(self.root, split), channels=self.channels,
             transform=transform or (self.train_transform if train else self.eval_transform),
             train=train, split=split, on_bad_file=self.on_bad_file, seed=self.seed,
-            storage_options=self.storage_options, cache_dir=self.cache_dir, **kwargs)
+            storage_options=self.storage_options, cache_dir=self.cache_dir,
+            # Every evaluation sample once across the ranks: LitData's default (None) under DDP
+            # would drop the remainder to give each rank as many as the others.
+            drop_last=None if train else False)
 
     def setup(self, stage: str | None = None) -> None:
         # Built here, not in __init__: LitData reads the DDP rank and world size when a dataset
@@ -535,12 +494,7 @@ class ShardsDataModule(InMemoryImageDataModule):
             except BadImageError:
                 if self.on_bad_file != "skip":
                     raise
-        mean, std = pixel_statistics(torch.stack(images))
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.computed_stats = False
-        log.info(f"pixel statistics of {len(images)} of the {total} training images of {self.root}: "
-                 f"mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
+        use_statistics(self, torch.stack(images), f"{len(images)} of the {total} training images of {self.root}")
 
     def _streaming_loader(self, dataset: ShardDataset | None, batch_size: int,
                           cls: type[StreamingDataLoader] = StreamingDataLoader) -> StreamingDataLoader:

@@ -21,12 +21,11 @@ def make_images(n: int, image_size: int, channels: int, num_classes: int, seed: 
 
 
 class SyntheticDataModule(InMemoryImageDataModule):
-    def __init__(self, *, train_size: int = 2048, val_size: int = 256, test_size: int = 256, seed: int = 0, **kwargs):
+    def __init__(self, *, train_size: int = 2048, val_size: int = 256, test_size: int = 256, **kwargs):
         kwargs.setdefault("mean", [0.5] * kwargs["channels"])
         kwargs.setdefault("std", [0.29] * kwargs["channels"])
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # with seed (default 0): the seed of the samples and of the training order
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
-        self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
         shape = (self.image_size, self.channels, self.num_classes)

@@ -83,11 +83,12 @@ def decode_batch(encoded: Sequence[bytes | torch.Tensor], channels: int, device:
     return out
 
 
-def resize_to(image: torch.Tensor, size: int, resize: str = "crop") -> torch.Tensor:
-    """``crop``: shorter side to ``size``, then the centre square; ``stretch``: both sides."""
+def resize_to(image: torch.Tensor, size: int, resize: str = "crop", crop_pct: float = 1.0) -> torch.Tensor:
+    """``crop``: shorter side to ``size / crop_pct``, then the centre ``size`` square; ``stretch``:
+    both sides to ``size``."""
     if resize == "stretch":
         return F.resize(image, [size, size], antialias=True).contiguous()
-    return F.center_crop(F.resize(image, [size], antialias=True), [size, size]).contiguous()
+    return F.center_crop(F.resize(image, [round(size / crop_pct)], antialias=True), [size, size]).contiguous()
 
 
 def check_transform_options(*, image_size: int, train_crop: str, scale: Sequence[float], crop_pct: float,
@@ -150,21 +151,15 @@ class SampleTransform:
         self.random_crop = train and train_crop == "random_resized"
         self.hflip = train and hflip
 
-    def evaluation_resize(self, image: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        if self.resize == "stretch":
-            return F.resize(image, [size, size], antialias=True)
-        return F.center_crop(F.resize(image, [round(size / self.crop_pct)], antialias=True), [size, size])
-
     def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         if not (self.random_crop or self.hflip):
-            return self.evaluation_resize(image).contiguous()
+            return resize_to(image, self.image_size, self.resize, self.crop_pct)
         rng = random.Random(seed if seed is not None else int(torch.randint(2**62, ())))
         if self.random_crop:
             top, left, h, w = inception_box(image.shape[-2], image.shape[-1], self.scale, self.ratio, rng)
             image = F.resized_crop(image, top, left, h, w, [self.image_size, self.image_size], antialias=True)
         else:
-            image = self.evaluation_resize(image)
+            image = resize_to(image, self.image_size, self.resize, self.crop_pct)
         if self.hflip and rng.random() < 0.5:
             image = F.horizontal_flip(image)
         return image.contiguous()
