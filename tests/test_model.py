@@ -107,6 +107,83 @@ def test_auto_attention_picks_math_on_cpu():
     assert not attn.use_sdpa(torch.zeros(1))
 
 
+def _qkv(batch, heads, n, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64).float().requires_grad_() for _ in range(3)]
+
+
+@pytest.mark.parametrize("batch, max_bytes, chunks", [(7, 3 * 49 * 49 * 4 * 2, 4), (7, 3 * 49 * 49 * 4 * 3 - 1, 4), (7, 1, 7), (7, 10**9, 1), (128, None, 1)])
+def test_chunked_attention_equals_explicit_in_values_and_gradients(batch, max_bytes, chunks, monkeypatch):
+    """The batch slices (uneven ones included: 7 images in slices of 2, 2, 2, 1; a slice never
+    above the budget, at least one image) compute the
+    reference's function: the same outputs and q, k, v gradients as the whole-batch explicit
+    attention and as SDPA, to fp32 rounding."""
+    from vitlab.models import simple_vit
+
+    calls = []
+    reference = simple_vit.explicit_attention
+    monkeypatch.setattr(simple_vit, "explicit_attention", lambda *a: calls.append(a[0].shape[0]) or reference(*a))
+    q, k, v = _qkv(batch, 3, 49, 16)
+    scale = 16**-0.5
+    grad = torch.randn(batch, 3, 49, 16, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, fn in {
+        "explicit": lambda: reference(q, k, v, scale),
+        "chunked": lambda: simple_vit.chunked_attention(q, k, v, scale, max_bytes),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+    }.items():
+        calls.clear()
+        out = fn()
+        results[name] = [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+        if name == "chunked":
+            assert len(calls) == chunks and sum(calls) == batch
+            assert max(calls) * 3 * 49 * 49 * 4 <= (max_bytes or simple_vit.CPU_CHUNK_BYTES) or calls == [1] * batch
+    for name in ("chunked", "sdpa"):
+        for what, got, want in zip(("out", "dq", "dk", "dv"), results[name], results["explicit"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, w=f"{name} {what}": f"{w}: {m}")
+
+
+def test_default_chunk_keeps_49_tokens_whole_and_slices_196():
+    """At the default model (heads 4) and batch 128: 49 tokens in one piece, as measured fastest;
+    196 tokens in slices whose fp32 scores stay within CPU_CHUNK_BYTES."""
+    from vitlab.models.simple_vit import CPU_CHUNK_BYTES
+
+    assert 128 * 4 * 49 * 49 * 4 <= CPU_CHUNK_BYTES < 128 * 4 * 196 * 196 * 4
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_auto_attention_on_cpu_slices_the_batch_and_agrees_with_math_and_sdpa(pool, monkeypatch):
+    """The model's CPU default (auto: explicit attention in batch slices) against the
+    whole-batch reference and SDPA: the same logits and parameter gradients in fp32."""
+    from vitlab.models import simple_vit
+
+    # 16 patches (+ a class token), 2 heads, 5 images, a budget of 2 images' scores: slices of 2, 2, 1.
+    tokens = 16 + (pool == "cls")
+    monkeypatch.setattr(simple_vit, "CPU_CHUNK_BYTES", 2 * 2 * tokens * tokens * 4)
+    calls = []
+    reference = simple_vit.explicit_attention
+    monkeypatch.setattr(simple_vit, "explicit_attention", lambda *a: calls.append(a[0].shape[0]) or reference(*a))
+    torch.manual_seed(1)
+    x = torch.randn(5, 1, 28, 28)
+    models = {path: make(attention=path, pool=pool) for path in ("math", "auto", "sdpa")}
+    grads = {}
+    for path, model in models.items():
+        model.load_state_dict(models["math"].state_dict())
+        calls.clear()
+        out = model(x)
+        out.square().sum().backward()
+        grads[path] = (out.detach(), {n: p.grad for n, p in model.named_parameters()})
+        if path == "auto":
+            assert calls == [2, 2, 1] * SMALL["depth"]
+        elif path == "math":
+            assert calls == [5] * SMALL["depth"]
+    for path in ("auto", "sdpa"):
+        out, named = grads[path]
+        torch.testing.assert_close(out, grads["math"][0], rtol=1e-5, atol=1e-5)
+        for name, g in named.items():
+            torch.testing.assert_close(g, grads["math"][1][name], rtol=1e-4, atol=1e-5, msg=lambda m, n=f"{path} {name}": f"{n}: {m}")
+
+
 @pytest.mark.parametrize("attention", ["math", "sdpa"])
 def test_same_logits_as_lucidrains_simple_vit(attention):
     """Same weights in vit_pytorch.SimpleViT give the same logits (fp32, 1e-5)."""
