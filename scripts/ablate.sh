@@ -14,7 +14,7 @@
 # ablation folders present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ABLATIONS=(patch_size pos_emb pool depth_width heads)
+ABLATIONS=(patch_size patch_size_compute pos_emb pool depth_width heads)
 if [[ $# -lt 1 ]]; then
   echo "usage: scripts/ablate.sh <name|all> [overrides...]; names: ${ABLATIONS[*]}" >&2
   exit 2

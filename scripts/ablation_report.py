@@ -149,13 +149,22 @@ def table(groups: list[Group], label: Callable[[Group], list[str]], header: list
     return markdown(pd.DataFrame(rows, columns=columns))
 
 
-def render_patch_size(groups: list[Group], docs: Path):
+def images_seen(g: Group) -> str:
+    """Training images of a compute-matched job (``budget.images``), in thousands."""
+    plans = [b for b in g.jobs.get("budget", []) if isinstance(b, dict)]
+    return f"{plans[0]['images'] / 1000:.1f}k" if plans else "–"
+
+
+def render_patch_size(groups: list[Group], docs: Path, compute: bool = False):
     image = 28
-    md = [table(groups, lambda g: [str(g.setting["model.patch_size"]), str((image // g.setting["model.patch_size"]) ** 2)],
-                ["patch", "tokens"])]
+    label = (lambda g: [str(g.setting["model.patch_size"]), str((image // g.setting["model.patch_size"]) ** 2)]
+             + ([images_seen(g)] if compute else []))
+    md = [table(groups, label, ["patch", "tokens"] + (["images seen"] if compute else []))]
     points = [(g.value("flops_per_image") / 1e6, g.stat("test_acc"), f"p{g.setting['model.patch_size']}")
               for g in groups if g.stat("test_acc").n and g.value("flops_per_image")]
-    figs = [errorbar_figure(docs / "patch_size.png", "patch size: accuracy against compute", {"": points},
+    name, title = ("patch_size_compute", "patch size at equal training FLOPs") if compute else (
+        "patch_size", "patch size: accuracy against compute")
+    figs = [errorbar_figure(docs / f"{name}.png", title, {"": points},
                             "forward MFLOPs per image (log)", log_x=True).name] if points else []
     done = [g for g in groups if g.stat("test_acc").n]
     if len(done) >= 2:
@@ -166,8 +175,11 @@ def render_patch_size(groups: list[Group], docs: Path):
             outcome = "**Reproduced**: each smaller patch is better than the next larger one, beyond noise"
         elif all(s == -1 for s in better):
             outcome = ("**Opposite of the paper**: each larger patch is better than the next smaller one, beyond noise. "
-                       "A likely reason (not tested here): the paper compares models trained to convergence, and at a "
-                       "budget of one epoch fewer, larger tokens learn faster while the extra compute of small patches has not paid yet")
+                       + ("At equal training FLOPs a larger patch sees more images for the same compute, and at this "
+                          "small budget that wins" if compute else
+                          "A likely reason (not tested here): the paper compares models trained to convergence, and at a "
+                          "budget of one epoch fewer, larger tokens learn faster while the extra compute of small "
+                          "patches has not paid yet"))
         elif all(s >= 0 for s in better) and any(s == 1 for s in better):
             outcome = "**Reproduced in direction**: accuracy never drops with a smaller patch, though not every step is beyond noise"
         else:
@@ -324,6 +336,10 @@ ABLATIONS = [
     Ablation("patch_size", "Patch size", ["model.patch_size"],
              "ViT paper (Dosovitskiy et al. 2021), Table 5 / Fig. 5: smaller patches, more compute, better accuracy.",
              render_patch_size),
+    Ablation("patch_size_compute", "Patch size at equal training compute", ["model.patch_size"],
+             "ViT paper, Fig. 5 / Table 5 compare at matched pre-training compute: here every patch size trains for "
+             "the same 5.3e12 training FLOPs (`budget.flops`), one epoch of patch 4.",
+             lambda groups, docs: render_patch_size(groups, docs, compute=True)),
     Ablation("pos_emb", "Position embedding", ["model.pos_emb"],
              "ViT paper, Table 8: none 61.4 vs learned 1-D 64.2 vs 2-D 64.0 (five-shot ImageNet); Beyer et al. 2022, "
              "Table 1: a learned embedding instead of fixed sincos costs 1.5 points at 90 epochs.", render_pos_emb),

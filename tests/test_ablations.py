@@ -121,6 +121,6 @@ def test_report_writes_tables_figures_and_verdicts_from_the_numbers(tmp_path):
     assert "mean (lr 0.002) − cls (lr 0.002)" in text and "mean pooling beats the class token" in text
     # Mean ± std over the three seeds: 0.9 - 0.02 + (0, 0.001, 0.002) -> 88.10 ± 0.10.
     assert "| 2 | 196 | 3/3 | 88.10 ± 0.10 |" in re.sub(r" +", " ", text), "a table row, padding aside"
-    assert text.count("Not run yet.") == 2  # depth_width and heads
+    assert text.count("Not run yet.") == 3  # patch_size_compute, depth_width and heads
     for figure in ("patch_size.png", "pos_emb.png", "pos_emb_similarity.png", "pool.png"):
         assert (docs / "ablations" / figure).stat().st_size > 10_000
