@@ -32,9 +32,13 @@ STEPS = ("trainer.max_steps=2", "trainer.max_epochs=1", "trainer.limit_val_batch
          "logger=none", "callbacks=none", "test=false")
 
 
-def test_compile_is_off_by_default_and_on_in_the_gpu_preset(tmp_path):
+def test_compile_is_auto_by_default_and_on_in_the_gpu_preset(tmp_path):
     default = compose_train(tmp=tmp_path)
-    assert default.compile.enabled is False
+    assert default.compile.enabled == "auto"
+    for accelerator, compiled in (("cpu", False), ("auto", torch.cuda.is_available())):
+        net = torch.nn.Linear(2, 2)
+        compile_network(net, default.compile, accelerator)
+        assert (net._compiled_call_impl is not None) == compiled, f"auto on accelerator={accelerator}"
     gpu = compose_train("trainer=gpu", tmp=tmp_path)
     assert gpu.compile.enabled is True
     assert (gpu.trainer.accelerator, gpu.trainer.precision, gpu.trainer.devices) == ("gpu", "bf16-mixed", 1)
@@ -65,9 +69,11 @@ def test_gpu_preset_on_cpu_compiles_and_checkpoints_load_either_way(tmp_path, da
     monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
     threads = torch.get_num_threads()
     try:
-        cfg = compose_train("trainer=gpu", "trainer.accelerator=cpu", "data.batch_size=32", *TINY, *STEPS, tmp=tmp_path)
+        cfg = compose_train("trainer=gpu", "trainer.accelerator=cpu", "data.batch_size=32", *TINY, *STEPS,
+                            f"compile.cache_dir={tmp_path / 'cache'}", tmp=tmp_path)
         module, trainer = fit(cfg)
         assert module.net._compiled_call_impl is not None, "compile.enabled=true compiles the network"
+        assert any((tmp_path / "cache" / "fxgraph").rglob("*")), "inductor's caches go to compile.cache_dir"
         assert trainer.global_step == 2
         path = tmp_path / "compiled.ckpt"
         trainer.save_checkpoint(path)

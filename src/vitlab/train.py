@@ -9,7 +9,9 @@ failure ends.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -40,15 +42,25 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_network(net: torch.nn.Module, options: DictConfig | None) -> None:
-    """``torch.compile`` the network in place when ``compile.enabled``: ``nn.Module.compile``
-    keeps the module and its state_dict keys, so checkpoints load with or without it. The
-    compilation itself happens at the first training step."""
-    if not options or not options.get("enabled"):
+def compile_network(net: torch.nn.Module, options: DictConfig | None, accelerator: str = "auto") -> None:
+    """``torch.compile`` the network in place when ``compile.enabled`` (``auto``: on CUDA only):
+    ``nn.Module.compile`` keeps the module and its state_dict keys, so checkpoints load with or
+    without it. Inductor's on-disk caches go to ``compile.cache_dir``, which a sweep's jobs share,
+    so that only the first job compiles from scratch. The compilation itself happens at the first
+    training step."""
+    enabled = (options or {}).get("enabled")
+    if enabled == "auto":
+        enabled = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    elif enabled not in (None, True, False):
+        raise ValueError(f"compile.enabled={enabled!r} must be true, false or auto (on CUDA only).")
+    if not enabled:
         return
     mode = options.get("mode")
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"compile.mode={mode!r} is not one of {', '.join(COMPILE_MODES)} (or null for the default).")
+    if options.get("cache_dir"):
+        # torch's documented setting for every on-disk compile cache (FX graph, AOTAutograd, Triton).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(options.cache_dir).resolve())
     net.compile(mode=mode, dynamic=options.get("dynamic"), fullgraph=bool(options.get("fullgraph")))
 
 
@@ -62,7 +74,7 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
     if record is not None:
         record.describe_model(net, datamodule.image_size, datamodule.channels)
         apply_budget(cfg, net, datamodule, record)
-    compile_network(net, cfg.get("compile"))
+    compile_network(net, cfg.get("compile"), cfg.trainer.get("accelerator", "auto"))
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,
