@@ -19,37 +19,28 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class Throughput(L.Callback):
-    """Training images per second over each epoch, logged as ``train/images_per_s``.
-
-    Timed from the first training batch to the end of the last one, so data loading counts
-    and validation does not. ``images_per_s`` holds the mean over all epochs for the run record.
-    """
+    """Training images per second over each epoch, logged as ``train/images_per_s``: timed from
+    the first training batch to the end of the last one, so data loading counts and validation
+    does not. ``images_per_s`` is the mean over all epochs, for the run record."""
 
     def __init__(self) -> None:
-        self._start: float | None = None
-        self._end = 0.0
-        self._images = 0
-        self.total_images = 0
-        self.total_seconds = 0.0
+        self._start, self._end, self._images = None, 0.0, 0
+        self.total_images, self.total_seconds = 0, 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._images = None, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self._start is None:
-            self._start = time.perf_counter()
+        self._start = self._start or time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._images += len(batch[1])
-        self._end = time.perf_counter()
+        self._images, self._end = self._images + len(batch[1]), time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._start is None or self._end <= self._start:
-            return
-        seconds = self._end - self._start
-        self.total_images += self._images
-        self.total_seconds += seconds
-        pl_module.log("train/images_per_s", self._images / seconds, on_step=False, on_epoch=True)
+        seconds = self._end - (self._start or self._end)
+        if seconds > 0:
+            self.total_images, self.total_seconds = self.total_images + self._images, self.total_seconds + seconds
+            pl_module.log("train/images_per_s", self._images / seconds, on_step=False, on_epoch=True)
 
     @property
     def images_per_s(self) -> float | None:

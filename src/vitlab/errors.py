@@ -75,12 +75,13 @@ def entry_point(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
             sys.exit(143)
         except Exception as error:
             root, reason = failure_reason(error)
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+            if not (multirun or isinstance(root, USER_ERRORS)):
+                raise  # a bug: Hydra prints and logs its traceback
             kept = _log_to_files(traceback.format_exc())
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
+            if multirun:
                 logging.getLogger(__name__).error(f"job failed: {reason}")
                 return None
-            if not isinstance(root, USER_ERRORS):
-                raise
             print(f"error: {reason}" + (f"\n(traceback in {kept})" if kept else ""), file=sys.stderr)
             sys.exit(1)
 

@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -95,34 +94,6 @@ def plot_sweep_curves(runs: pd.DataFrame, out_dir: str | Path) -> Path | None:
         _style(ax, " / ".join(sorted(xlabels)), name)
     loss_ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     return _save(fig, Path(out_dir) / "curves_all.png")
-
-
-def plot_pos_emb_similarity(embeddings: dict[str, np.ndarray], grid: tuple[int, int], path: str | Path) -> Path:
-    """Cosine similarity of each patch's position embedding with every other patch's, one
-    panel per embedding (as in the ViT paper's Figure 7): panel (i, j) of a grid shows the
-    similarity of patch (i, j) with all patches, laid out as the image.
-
-    ``embeddings`` maps a label to an array of shape (rows * cols, dim), patches in row-major order.
-    """
-    rows, cols = grid
-    fig = Figure(figsize=(5.2 * len(embeddings), 5.6), layout="constrained")
-    fig.suptitle("position-embedding similarity: each tile is one patch's cosine similarity with all patches",
-                 fontsize="medium")
-    for subfig, (label, emb) in zip(np.atleast_1d(fig.subfigures(1, len(embeddings))), embeddings.items()):
-        emb = np.asarray(emb, dtype=np.float64)
-        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        similarity = unit @ unit.T
-        # One colour scale per embedding, from its lowest similarity to 1: the fixed sincos
-        # embedding of a small grid varies over a narrow range that a -1..1 scale would hide.
-        low = float(similarity.min())
-        subfig.suptitle(f"{label} (colour scale {low:.2f} to 1)")
-        axes = subfig.subplots(rows, cols, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
-        for index, ax in enumerate(np.asarray(axes).flat):
-            image = ax.imshow(similarity[index].reshape(rows, cols), vmin=low, vmax=1, cmap="viridis")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        subfig.colorbar(image, ax=subfig.axes, shrink=0.6, label="cosine similarity")
-    return _save(fig, Path(path))
 
 
 def plot_metric_vs_params(stats: pd.DataFrame, swept_numeric_keys: Iterable[str], out_dir: str | Path) -> list[Path]:

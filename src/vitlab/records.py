@@ -120,19 +120,18 @@ class RunRecord(L.Callback):
         self.start = time.time() - float(self.previous.get("wall_time_s", 0.0))
         self.payload = {"status": "running", "seed": self.cfg.get("seed"), "tags": list(self.cfg.get("tags") or []),
                         "history": list(self.previous.get("history") or [])}
-        if self.writer:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
-        self.save()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.set_budget(None)
         return self
 
     def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
         self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels))
         self.save()
 
-    def set_budget(self, plan: dict[str, Any]) -> None:
-        """The compute budget, and the config with the steps it set (``vitlab.budget``)."""
-        self.payload["budget"] = plan
+    def set_budget(self, plan: dict[str, Any] | None) -> None:
+        """The config (again once a compute budget, ``vitlab.budget``, set its steps) and the budget."""
+        if plan is not None:
+            self.payload["budget"] = plan
         if self.writer:
             OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
         self.save()
