@@ -20,23 +20,28 @@ from omegaconf import DictConfig, ListConfig
 TRAIN_FLOPS_PER_FORWARD = 3
 
 
+def on_cuda(accelerator: str | None) -> bool:
+    """Whether ``trainer.accelerator`` trains on CUDA here (``auto`` picks CUDA when present)."""
+    return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
 def images_per_step(cfg: DictConfig) -> int:
     """Images per optimiser step over all processes: batch x devices x nodes x accumulation."""
     trainer, devices = cfg.trainer, cfg.trainer.get("devices", 1)
     if isinstance(devices, (list, ListConfig)):
         devices = len(devices)
     elif devices in ("auto", -1, "-1"):
-        gpu = trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-        devices = torch.cuda.device_count() if gpu else 1
+        devices = torch.cuda.device_count() if on_cuda(trainer.get("accelerator")) else 1
     return cfg.data.batch_size * int(devices) * int(trainer.get("num_nodes") or 1) * int(
         trainer.get("accumulate_grad_batches") or 1)
 
 
 def measure_images_per_s(net: torch.nn.Module, cfg: DictConfig, image_size: int, channels: int,
                          steps: int = 10, warmup: int = 3) -> dict[str, Any]:
-    """``measured_images_per_s`` (and the ``device``) of training steps of a copy of ``net`` (forward, loss, backward, the configured
-    optimiser's step) on one device of the trainer's kind, in its precision, through Lightning
-    Fabric; the run's own network and random state are left untouched."""
+    """``measured_images_per_s`` (and the ``device``) of training steps of a copy of ``net``
+    (forward, loss, backward, the configured optimiser's step) on one device of the trainer's
+    kind, in its precision, through Lightning Fabric; the run's own network and random state are
+    left untouched."""
     import hydra
     from lightning.fabric import Fabric
 
@@ -92,7 +97,6 @@ def plan(cfg: DictConfig, flops_per_image: int, measure=None, previous: dict | N
         record |= measure()
         record["steps"] = max(1, int(value * 60 * record["measured_images_per_s"] / per_step))
     return record | {"images": record["steps"] * per_step, "train_flops": record["steps"] * step_flops}
-
 
 
 def cpu_name() -> str:

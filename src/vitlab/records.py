@@ -82,8 +82,9 @@ def hparams_summaries(hparams: dict[str, Any], metrics: Iterable[str], swept: It
     parts = {metadata.EXPERIMENT_TAG: {"experiment": experiment},
              metadata.SESSION_START_INFO_TAG: {"session_start_info": start},
              metadata.SESSION_END_INFO_TAG: {"session_end_info": end}}
+    version = metadata.PLUGIN_DATA_VERSION
     return [Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(
-        plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **part)))]) for tag, part in parts.items()]
+        plugin_data_pb2.HParamsPluginData(version=version, **part)))]) for tag, part in parts.items()]
 
 
 class RunRecord(L.Callback):
@@ -120,21 +121,24 @@ class RunRecord(L.Callback):
         self.start = time.time() - float(self.previous.get("wall_time_s", 0.0))
         self.payload = {"status": "running", "seed": self.cfg.get("seed"), "tags": list(self.cfg.get("tags") or []),
                         "history": list(self.previous.get("history") or [])}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.set_budget(None)
+        self.save_config()
         return self
 
     def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
         self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels))
         self.save()
 
-    def set_budget(self, plan: dict[str, Any] | None) -> None:
-        """The config (again once a compute budget, ``vitlab.budget``, set its steps) and the budget."""
-        if plan is not None:
-            self.payload["budget"] = plan
+    def save_config(self) -> None:
+        """``config.yaml`` (the resolved config) and ``metrics.json``."""
         if self.writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
         self.save()
+
+    def set_budget(self, plan: dict[str, Any]) -> None:
+        """The compute budget (``vitlab.budget``), and the config again with the steps it set."""
+        self.payload["budget"] = plan
+        self.save_config()
 
     def __exit__(self, kind, error, tb) -> bool:
         if error is not None:
@@ -232,7 +236,7 @@ class RunRecord(L.Callback):
                 self.payload["skipped_file_names"] = sorted(set(skipped.values()))[:1000]
 
     def _log_hparams(self) -> None:
-        """The HParams row: hyperparameters (the swept ones first) with the final ``hp/*`` metrics,
+        """The HParams row: hyperparameters (the swept ones first) with the final ``hp/*`` metrics
         (not Lightning's ``hp_metric`` placeholder)."""
         tensorboard = next((lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         metrics = {"hp/best_val_acc": self.payload.get("best_val_acc"), "hp/test_acc": self.payload.get("test/acc"),

@@ -50,7 +50,7 @@ def compile_network(net: torch.nn.Module, options: DictConfig | None, accelerato
     training step."""
     enabled = (options or {}).get("enabled")
     if enabled == "auto":
-        enabled = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        enabled = budget.on_cuda(accelerator)
     elif enabled not in (None, True, False):
         raise ValueError(f"compile.enabled={enabled!r} must be true, false or auto (on CUDA only).")
     if not enabled:
@@ -86,8 +86,10 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
 
 def apply_budget(cfg: DictConfig, net: torch.nn.Module, datamodule, record: RunRecord) -> None:
     """``budget.flops`` or ``budget.minutes`` set ``trainer.max_steps`` (and no epoch limit)."""
-    plan = budget.plan(cfg, record.payload["flops_per_image"], previous=record.previous.get("budget"),
-                       measure=lambda: budget.measure_images_per_s(net, cfg, datamodule.image_size, datamodule.channels))
+    def measure() -> dict:
+        return budget.measure_images_per_s(net, cfg, datamodule.image_size, datamodule.channels)
+
+    plan = budget.plan(cfg, record.payload["flops_per_image"], measure, previous=record.previous.get("budget"))
     if plan is not None:
         with open_dict(cfg):
             cfg.trainer.max_steps, cfg.trainer.max_epochs = plan["steps"], -1
