@@ -2,18 +2,25 @@
 
     python scripts/ablation_report.py [--multirun outputs/multirun] [--docs docs]
 
-Reads ``<multirun>/ablation_<name>/`` (the folders ``scripts/ablate.sh <name>`` fills: one job
-folder per setting and seed, each with ``metrics.json``), and writes per ablation a table of
-mean ± sample std over seeds, a figure, and a sentence on whether the paper's direction was
-reproduced, judged from the numbers: a difference counts only when it exceeds twice its
-standard error. Nothing in the document is typed by hand; ablations not run yet are listed
-with their command. Run it again after any sweep to refresh the page.
+Reads ``<multirun>/ablation_<name>[_10ep]/`` (the folders ``scripts/ablate.sh <name>
+[trainer.max_epochs=10]`` fills: one job folder per setting and seed, each with
+``metrics.json``), and writes per ablation and length a table of mean ± sample std over seeds,
+a figure, and a sentence on whether the paper's direction was reproduced, judged from the
+numbers: a difference counts only when it exceeds twice its standard error.
+
+The small records of every completed job (metrics.json, config.yaml, .hydra/overrides.yaml)
+are first copied into ``<docs>/ablations/runs/<sweep>/``, which is committed, and the tables
+are computed from there: results outlive the git-ignored outputs folder, and
+``scripts/ablate.sh`` copies them back so that a sweep restarted in a new checkout skips the
+jobs already done. A section whose sweep has no records here keeps its text from the page's
+previous generation; one never run is listed with its command. Nothing is typed by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +37,7 @@ from matplotlib.figure import Figure
 from vitlab.budget import cpu_name
 from vitlab.models.simple_vit import posemb_sincos_2d
 from vitlab.results import group_stats, job_dirs, load_runs
+from vitlab.rundir import read_metrics
 from vitlab.summarize import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +169,16 @@ class Ablation:
     title: str
     keys: list[str]
     paper: str
-    render: Callable[[list[Group], Path], tuple[list[str], list[str]]]  # -> (markdown lines, figure names)
+    # (groups, figure path of a base name) -> (markdown paragraphs, figure file names)
+    render: Callable[[list[Group], Callable[[str], Path]], tuple[list[str], list[str]]]
+    #: What ``scripts/ablate.sh <name>`` is given for the 10-epoch sweep.
+    long_args: str = "trainer.max_epochs=10"
+
+
+#: The lengths every ablation is reported at: (sweep-folder suffix, heading, training length).
+LENGTHS = (("_10ep", "10 epochs", "10 epochs"), ("", "1 epoch (early training)", "1 epoch"))
+#: The job records kept under docs/ablations/runs/ (no checkpoints).
+RECORDS = ("metrics.json", "config.yaml", ".hydra/overrides.yaml")
 
 
 def table(groups: list[Group], label: Callable[[Group], list[str]], header: list[str]) -> str:
@@ -183,7 +200,7 @@ def images_seen(g: Group) -> str:
     return f"{plans[0]['images'] / 1000:.1f}k" if plans else "–"
 
 
-def render_patch_size(groups: list[Group], docs: Path, compute: bool = False):
+def render_patch_size(groups: list[Group], figure: Callable[[str], Path], compute: bool = False):
     image = 28
     label = (lambda g: [str(g.setting["model.patch_size"]), str((image // g.setting["model.patch_size"]) ** 2)]
              + ([images_seen(g)] if compute else []))
@@ -192,7 +209,7 @@ def render_patch_size(groups: list[Group], docs: Path, compute: bool = False):
               for g in groups if g.stat("test_acc").n and g.value("flops_per_image")]
     name, title = ("patch_size_compute", "patch size at equal training FLOPs") if compute else (
         "patch_size", "patch size: accuracy against compute")
-    figs = [errorbar_figure(docs / f"{name}.png", title, {"": points},
+    figs = [errorbar_figure(figure(name), title, {"": points},
                             "forward MFLOPs per image (log)", log_x=True).name] if points else []
     done = [g for g in groups if g.stat("test_acc").n]
     if len(done) >= 2:
@@ -205,8 +222,8 @@ def render_patch_size(groups: list[Group], docs: Path, compute: bool = False):
             outcome = ("**Opposite of the paper**: each larger patch is better than the next smaller one, beyond noise. "
                        + ("At equal training FLOPs a larger patch sees more images for the same compute, and at this "
                           "small budget that wins" if compute else
-                          "A likely reason (not tested here): the paper compares models trained to convergence, and at a "
-                          "budget of one epoch fewer, larger tokens learn faster while the extra compute of small "
+                          "A likely reason (not tested here): the paper compares models trained to convergence, and at "
+                          "this short budget fewer, larger tokens learn faster while the extra compute of small "
                           "patches has not paid yet"))
         elif all(s >= 0 for s in better) and any(s == 1 for s in better):
             outcome = "**Reproduced in direction**: accuracy never drops with a smaller patch, though not every step is beyond noise"
@@ -218,13 +235,13 @@ def render_patch_size(groups: list[Group], docs: Path, compute: bool = False):
     return md, figs
 
 
-def render_pos_emb(groups: list[Group], docs: Path):
+def render_pos_emb(groups: list[Group], figure: Callable[[str], Path]):
     order = {"sincos2d": 0, "learned": 1, "none": 2}
     groups.sort(key=lambda g: order.get(g.setting["model.pos_emb"], 9))
     md = [table(groups, lambda g: [str(g.setting["model.pos_emb"])], ["position embedding"])]
     by = {g.setting["model.pos_emb"]: g.stat("test_acc") for g in groups if g.stat("test_acc").n}
     points = [(k, v, "") for k, v in by.items()]
-    figs = [errorbar_figure(docs / "pos_emb.png", "position embedding", {"": points}, "position embedding",
+    figs = [errorbar_figure(figure("pos_emb"), "position embedding", {"": points}, "position embedding",
                             categorical=True).name] if points else []
     sentences = []
     if "none" in by and "sincos2d" in by:
@@ -239,7 +256,7 @@ def render_pos_emb(groups: list[Group], docs: Path):
                           "1.5-point gap, measured at 90 ImageNet epochs, does not show here)" if s == 0 else
                           "**Opposite of Beyer et al.**: the learned embedding is better here") + f" ({text}).")
     md += sentences
-    sim, notes = pos_emb_similarity(groups, docs)
+    sim, notes = pos_emb_similarity(groups, figure)
     if sim:
         figs.append(sim)
         md.append("Structure of the embeddings in the figure below (the ViT paper's Fig. 7 shows learned embeddings "
@@ -247,7 +264,7 @@ def render_pos_emb(groups: list[Group], docs: Path):
     return md, figs
 
 
-def pos_emb_similarity(groups: list[Group], docs: Path) -> tuple[str | None, list[str]]:
+def pos_emb_similarity(groups: list[Group], figure: Callable[[str], Path]) -> tuple[str | None, list[str]]:
     """The similarity figure of the fixed embedding and of the learned one of the first seed,
     and a sentence per embedding on its 2-D structure."""
     embeddings, grid = {}, None
@@ -271,7 +288,7 @@ def pos_emb_similarity(groups: list[Group], docs: Path) -> tuple[str | None, lis
     if not embeddings:
         return None, []
     notes = [f"{label}: {neighbour_contrast(emb, grid)}" for label, emb in embeddings.items()]
-    return plot_pos_emb_similarity(embeddings, grid, docs / "pos_emb_similarity.png").name, notes
+    return plot_pos_emb_similarity(embeddings, grid, figure("pos_emb_similarity")).name, notes
 
 
 def neighbour_contrast(emb: np.ndarray, grid: tuple[int, int]) -> str:
@@ -285,7 +302,7 @@ def neighbour_contrast(emb: np.ndarray, grid: tuple[int, int]) -> str:
     return f"mean cosine similarity {near:.2f} between neighbouring patches, {far:.2f} between patches 3 or more apart"
 
 
-def render_pool(groups: list[Group], docs: Path):
+def render_pool(groups: list[Group], figure: Callable[[str], Path]):
     md = [table(groups, lambda g: [str(g.setting["model.pool"]), f"{g.setting['optimizer.lr']:g}"], ["pool", "lr"])]
     series, best = {}, {}
     for g in groups:
@@ -295,7 +312,7 @@ def render_pool(groups: list[Group], docs: Path):
             # Each pooling at its own learning rate, chosen on validation accuracy (not test).
             if pool not in best or g.stat("best_val_acc").mean > best[pool].stat("best_val_acc").mean:
                 best[pool] = g
-    figs = [errorbar_figure(docs / "pool.png", "pooling against learning rate", series, "learning rate (log)",
+    figs = [errorbar_figure(figure("pool"), "pooling against learning rate", series, "learning rate (log)",
                             log_x=True).name] if series else []
     if "mean" in best and "cls" in best:
         m, c = best["mean"], best["cls"]
@@ -308,7 +325,7 @@ def render_pool(groups: list[Group], docs: Path):
     return md, figs
 
 
-def render_depth_width(groups: list[Group], docs: Path):
+def render_depth_width(groups: list[Group], figure: Callable[[str], Path]):
     def depth(g):
         return int(str(g.setting["shape"]).split("_")[0][1:])
 
@@ -316,7 +333,7 @@ def render_depth_width(groups: list[Group], docs: Path):
     md = [table(groups, lambda g: [str(g.setting["shape"]), str(depth(g)), f"{g.value('params'):.0f}" if g.value("params") else "–"],
                 ["shape", "depth", "params"])]
     points = [(depth(g), g.stat("test_acc"), str(g.setting["shape"])) for g in groups if g.stat("test_acc").n]
-    figs = [errorbar_figure(docs / "depth_width.png", "depth x width at matched FLOPs", {"": points}, "depth (log)",
+    figs = [errorbar_figure(figure("depth_width"), "depth x width at matched FLOPs", {"": points}, "depth (log)",
                             log_x=True).name] if points else []
     done = [g for g in groups if g.stat("test_acc").n]
     if len(done) >= 2:
@@ -337,11 +354,11 @@ def render_depth_width(groups: list[Group], docs: Path):
     return md, figs
 
 
-def render_heads(groups: list[Group], docs: Path):
+def render_heads(groups: list[Group], figure: Callable[[str], Path]):
     md = [table(groups, lambda g: [str(g.setting["model.heads"]), str(96 // g.setting["model.heads"])],
                 ["heads", "dim per head"])]
     points = [(g.setting["model.heads"], g.stat("test_acc"), "") for g in groups if g.stat("test_acc").n]
-    figs = [errorbar_figure(docs / "heads.png", "heads at fixed inner width", {"": points}, "heads (log)",
+    figs = [errorbar_figure(figure("heads"), "heads at fixed inner width", {"": points}, "heads (log)",
                             log_x=True).name] if points else []
     done = [g for g in groups if g.stat("test_acc").n]
     one = next((g for g in done if g.setting["model.heads"] == 1), None)
@@ -366,8 +383,9 @@ ABLATIONS = [
              render_patch_size),
     Ablation("patch_size_compute", "Patch size at equal training compute", ["model.patch_size"],
              "ViT paper, Fig. 5 / Table 5 compare at matched pre-training compute: here every patch size trains for "
-             "the same 5.3e12 training FLOPs (`budget.flops`), one epoch of patch 4.",
-             lambda groups, docs: render_patch_size(groups, docs, compute=True)),
+             "the same training FLOPs (`budget.flops`): those of one epoch of patch 4 (5.3e12), or of ten (5.3e13).",
+             lambda groups, figure: render_patch_size(groups, figure, compute=True),
+             long_args="budget.flops=5.3e13 sweep=ablation_patch_size_compute_10ep"),
     Ablation("pos_emb", "Position embedding", ["model.pos_emb"],
              "ViT paper, Table 8: none 61.4 vs learned 1-D 64.2 vs 2-D 64.0 (five-shot ImageNet); Beyer et al. 2022, "
              "Table 1: a learned embedding instead of fixed sincos costs 1.5 points at 90 epochs.", render_pos_emb),
@@ -383,6 +401,71 @@ ABLATIONS = [
 ]
 
 
+def keep_records(sweep: Path, kept: Path) -> None:
+    """Copy the records of the sweep's completed jobs (and its multirun.yaml) into ``kept``."""
+    if not sweep.is_dir():
+        return
+    kept.mkdir(parents=True, exist_ok=True)
+    if (sweep / "multirun.yaml").is_file():
+        shutil.copy2(sweep / "multirun.yaml", kept / "multirun.yaml")
+    for job in job_dirs(sweep):
+        if (read_metrics(job) or {}).get("status") != "completed":
+            continue
+        for name in RECORDS:
+            if (job / name).is_file():
+                (kept / job.name / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(job / name, kept / job.name / name)
+
+
+def planned_jobs(sweep: Path) -> int | None:
+    """How many jobs the sweep's grid has (the product of its swept values), from multirun.yaml."""
+    path = sweep / "multirun.yaml"
+    params = ((yaml.safe_load(path.read_text()) or {}).get("hydra", {}).get("sweeper", {}).get("params")
+              if path.is_file() else None)
+    return math.prod(len(str(v).split(",")) for v in params.values()) if params else None
+
+
+def previous_sections(page: Path) -> dict[str, list[str]]:
+    """The body of each ``## `` section of the page as last generated, by heading."""
+    sections: dict[str, list[str]] = {}
+    heading = None
+    for line in page.read_text().splitlines() if page.is_file() else []:
+        if line.startswith("## "):
+            heading = line
+            sections[heading] = []
+        elif heading:
+            sections[heading].append(line)
+    return sections
+
+
+def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun: Path, figures: Path,
+            previous: dict[str, list[str]]) -> list[str]:
+    name = f"ablation_{ablation.name}{suffix}"
+    args = f" {ablation.long_args}" if suffix else ""
+    title = f"## {ablation.title}, {heading}"
+    lines = [title, "", f"Paper: {ablation.paper}", "",
+             f"Command: `scripts/ablate.sh {ablation.name}{args}` (config "
+             f"`conf/experiment/ablation/{ablation.name}.yaml`, {length}).", ""]
+    kept = figures / "runs" / name
+    keep_records(multirun / name, kept)
+    if not kept.is_dir() or not job_dirs(kept):
+        old = previous.get(title, [])
+        if any(line.startswith("| ") for line in old):  # a table: results of a sweep whose records are gone
+            return [title, *old]
+        return lines + ["Not run yet.", ""]
+    runs = load_runs(kept, [*ablation.keys, "seed"])
+    # Checkpoints (the learned position embedding) stay in the sweep's own folder, where present.
+    runs["dir"] = [multirun / name / d.name if (multirun / name / d.name).is_dir() else d for d in runs["dir"]]
+    total = pd.to_numeric(runs["wall_time_s"], errors="coerce").sum()
+    md, figs = ablation.render(read_sweep(runs, ablation.keys), lambda base: figures / f"{base}{suffix}.png")
+    done, planned = (runs["status"] == "completed").sum(), planned_jobs(kept) or len(runs)
+    machines = sorted(set(runs["machine"].dropna())) if "machine" in runs else []
+    lines += [f"{done} of {planned} jobs completed; {total / 60:.0f} min of job time in all"
+              + (f", on {' and '.join(machines)}." if machines else "."), ""]
+    lines += [item for text in md for item in (text, "")]
+    return lines + [item for fig in figs for item in (f"![{Path(fig).stem}](ablations/{fig})", "")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--multirun", type=Path, default=Path("outputs/multirun"), help="folder of the ablation_* sweeps")
@@ -390,34 +473,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     figures = args.docs / "ablations"
     figures.mkdir(parents=True, exist_ok=True)
+    previous = previous_sections(args.docs / "ablations.md")
     lines = [
         "# Ablations on Fashion-MNIST",
         "",
         "Generated by `python scripts/ablation_report.py` from the sweeps that `scripts/ablate.sh <name>` runs "
         f"(last generated {datetime.now():%Y-%m-%d %H:%M}); do not edit by hand. Each ablation changes one thing "
         "from the shared scale of `conf/experiment/ablation/base.yaml` (SimpleViT width 96, depth 4, 4 heads x 24, "
-        "MLP 192, patch 4; the default recipe; 1 epoch) and runs 3 seeds. Tables give mean ± sample std over "
+        "MLP 192, patch 4; the default recipe), trained for 10 epochs and, as early training, for 1, and runs 3 "
+        "seeds. Tables give mean ± sample std over "
         "seeds of the test accuracy (best-validation checkpoint) and of the best validation accuracy; a difference "
-        "is called real only when it exceeds twice its standard error. Times are per job, measured on "
-        f"{cpu_name()} ({torch.get_num_threads()} threads visible), two jobs side by side with one thread each, "
-        "on a machine shared with other work: compare them within a table, not across.",
+        "is called real only when it exceeds twice its standard error. The records of every completed job are "
+        "kept in `docs/ablations/runs/`. Times are per job, two jobs side by side with one thread each, on a "
+        f"machine shared with other work (this page last computed on {cpu_name()}): compare them within a table, "
+        "not across.",
         "",
     ]
     for ablation in ABLATIONS:
-        sweep = args.multirun / f"ablation_{ablation.name}"
-        lines += [f"## {ablation.title}", "", f"Paper: {ablation.paper}", "",
-                  f"Command: `scripts/ablate.sh {ablation.name}` (config `conf/experiment/ablation/{ablation.name}.yaml`).",
-                  ""]
-        if not sweep.is_dir() or not job_dirs(sweep):
-            lines += ["Not run yet.", ""]
-            continue
-        runs = load_runs(sweep, [*ablation.keys, "seed"])
-        total = pd.to_numeric(runs["wall_time_s"], errors="coerce").sum()
-        md, figs = ablation.render(read_sweep(runs, ablation.keys), figures)
-        lines += [f"{(runs['status'] == 'completed').sum()} of {len(runs)} jobs completed; "
-                  f"{total / 60:.0f} min of job time in all.", ""]
-        lines += [item for text in md for item in (text, "")]
-        lines += [item for fig in figs for item in (f"![{Path(fig).stem}](ablations/{fig})", "")]
+        for suffix, heading, length in LENGTHS:
+            lines += section(ablation, suffix, heading, length, args.multirun, figures, previous)
     (args.docs / "ablations.md").write_text("\n".join(lines))
     print(f"wrote {args.docs / 'ablations.md'} and figures in {figures}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -94,7 +95,7 @@ def fake_sweep(root, name, settings, acc):
         (job / "config.yaml").write_text(yaml.safe_dump({"model": {"image_size": 28, "patch_size": 4, "dim": 8}}))
         metrics = {"status": "completed", "test/acc": acc(overrides) + 0.001 * seed, "best_val_acc": acc(overrides),
                    "flops_per_image": 1e6 * overrides.get("model.patch_size", 4) ** -2, "wall_time_s": 10.0,
-                   "train_images_per_s": 100.0, "params": 1000}
+                   "train_images_per_s": 100.0, "params": 1000, "machine": "Test CPU, 1 threads"}
         (job / "metrics.json").write_text(json.dumps(metrics))
         if overrides.get("model.pos_emb") == "learned":
             (job / "checkpoints").mkdir()
@@ -121,6 +122,43 @@ def test_report_writes_tables_figures_and_verdicts_from_the_numbers(tmp_path):
     assert "mean (lr 0.002) − cls (lr 0.002)" in text and "mean pooling beats the class token" in text
     # Mean ± std over the three seeds: 0.9 - 0.02 + (0, 0.001, 0.002) -> 88.10 ± 0.10.
     assert "| 2 | 196 | 3/3 | 88.10 ± 0.10 |" in re.sub(r" +", " ", text), "a table row, padding aside"
-    assert text.count("Not run yet.") == 3  # patch_size_compute, depth_width and heads
+    # 6 ablations at 10 epochs, and patch_size_compute, depth_width and heads at 1 epoch.
+    assert text.count("Not run yet.") == 9
     for figure in ("patch_size.png", "pos_emb.png", "pos_emb_similarity.png", "pool.png"):
         assert (docs / "ablations" / figure).stat().st_size > 10_000
+
+
+def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_recompute(tmp_path):
+    runs, docs = tmp_path / "multirun", tmp_path / "docs"
+    sweep = fake_sweep(runs, "heads_10ep", [{"model.heads": h} for h in (1, 4)],
+                       lambda o: 0.80 + 0.02 * o["model.heads"])
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"params": {
+        "seed": "0,1,2", "model.heads": "1,2,4,8"}}}}))  # 12 jobs planned
+    # A job still running is neither kept nor counted as done.
+    (sweep / "6_job" / ".hydra").mkdir(parents=True)
+    (sweep / "6_job" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model.heads=8", "seed=0"]))
+    (sweep / "6_job" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
+    # A section of an earlier generation whose sweep folder is gone keeps its table.
+    docs.mkdir()
+    (docs / "ablations.md").write_text("# Ablations\n\n## Position embedding, 1 epoch (early training)\n\n"
+                                       "| position embedding | test acc (%) |\n| --- | --- |\n| none | 71.44 |\n\n"
+                                       "## Patch size, 1 epoch (early training)\n\nNot run yet.\n")
+
+    def report():
+        result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs),
+                                 "--docs", str(docs)], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return re.sub(r" +", " ", (docs / "ablations.md").read_text())
+
+    first = report()
+    kept = docs / "ablations" / "runs" / "ablation_heads_10ep"
+    assert sorted(p.name for p in kept.iterdir() if p.is_dir()) == [f"{n}_job" for n in range(6)]
+    assert all((kept / f"{n}_job" / name).is_file() for n in range(6) for name in ("metrics.json", "config.yaml",
+                                                                                     ".hydra/overrides.yaml"))
+    assert "## Number of heads at fixed inner width, 10 epochs" in first and "| 4 | 24 | 3/3 | 88.10 ± 0.10 |" in first
+    assert "| none | 71.44 |" in first
+    assert "6 of 12 jobs completed; 1 min of job time in all, on Test CPU, 1 threads." in first
+    assert (docs / "ablations" / "heads_10ep.png").stat().st_size > 10_000
+    # Without the sweep's folder (a new checkout), the same tables come from the kept records.
+    shutil.rmtree(runs)
+    assert first.split("\n", 3)[3] == report().split("\n", 3)[3]  # all but the generation time

@@ -99,6 +99,13 @@ def plan(cfg: DictConfig, flops_per_image: int, measure=None, previous: dict | N
     return record | {"images": record["steps"] * per_step, "train_flops": record["steps"] * step_flops}
 
 
+def machine_name(accelerator: str | None) -> str:
+    """What a run's times are measured on: the GPU where it trains on CUDA, else the CPU and its threads."""
+    if on_cuda(accelerator):
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:

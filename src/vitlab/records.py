@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab import tracking
+from vitlab.budget import machine_name
 from vitlab.callbacks import Throughput
 from vitlab.errors import failure_reason
 from vitlab.models import count_parameters, flops_per_image
@@ -120,6 +121,7 @@ class RunRecord(L.Callback):
         # A resumed run counts the wall time of its earlier attempts too.
         self.start = time.time() - float(self.previous.get("wall_time_s", 0.0))
         self.payload = {"status": "running", "seed": self.cfg.get("seed"), "tags": list(self.cfg.get("tags") or []),
+                        "machine": machine_name(self.cfg.trainer.get("accelerator")),
                         "history": list(self.previous.get("history") or [])}
         self.save_config()
         return self
