@@ -75,13 +75,16 @@ def test_gpu_preset_on_cpu_compiles_and_checkpoints_load_either_way(tmp_path, da
         assert module.net._compiled_call_impl is not None, "compile.enabled=true compiles the network"
         assert any((tmp_path / "cache" / "fxgraph").rglob("*")), "inductor's caches go to compile.cache_dir"
         assert trainer.global_step == 2
+        # One training graph: a compiled network gets whole batches only.
+        train_set = trainer.datamodule.train_set
+        assert len(train_set) % 32 and len(trainer.datamodule.train_dataloader()) == len(train_set) // 32
         path = tmp_path / "compiled.ckpt"
         trainer.save_checkpoint(path)
 
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         plain = compose_train("trainer.accelerator=cpu", "compile.enabled=false", *TINY, *STEPS, tmp=tmp_path)
-        _, fresh, _ = build(plain)
-        assert fresh.net._compiled_call_impl is None
+        eager_data, fresh, _ = build(plain)
+        assert fresh.net._compiled_call_impl is None and not eager_data.drop_last
         assert set(state) == set(fresh.state_dict()), "compiling must not rename the checkpoint's keys"
         fresh.load_state_dict(state)
         images = torch.randn(4, 1, 28, 28)

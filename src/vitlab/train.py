@@ -42,19 +42,19 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_network(net: torch.nn.Module, options: DictConfig | None, accelerator: str = "auto") -> None:
+def compile_network(net: torch.nn.Module, options: DictConfig | None, accelerator: str = "auto") -> bool:
     """``torch.compile`` the network in place when ``compile.enabled`` (``auto``: on CUDA only):
     ``nn.Module.compile`` keeps the module and its state_dict keys, so checkpoints load with or
     without it. Inductor's on-disk caches go to ``compile.cache_dir``, which a sweep's jobs share,
     so that only the first job compiles from scratch. The compilation itself happens at the first
-    training step."""
+    training step. Returns whether the network is compiled."""
     enabled = (options or {}).get("enabled")
     if enabled == "auto":
         enabled = budget.on_cuda(accelerator)
     elif enabled not in (None, True, False):
         raise ValueError(f"compile.enabled={enabled!r} must be true, false or auto (on CUDA only).")
     if not enabled:
-        return
+        return False
     mode = options.get("mode")
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"compile.mode={mode!r} is not one of {', '.join(COMPILE_MODES)} (or null for the default).")
@@ -62,6 +62,7 @@ def compile_network(net: torch.nn.Module, options: DictConfig | None, accelerato
         # torch's documented setting for every on-disk compile cache (FX graph, AOTAutograd, Triton).
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(options.cache_dir).resolve())
     net.compile(mode=mode, dynamic=options.get("dynamic"), fullgraph=bool(options.get("fullgraph")))
+    return True
 
 
 def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = None):
@@ -74,7 +75,9 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
     if record is not None:
         record.describe_model(net, datamodule.image_size, datamodule.channels)
         apply_budget(cfg, net, datamodule, record)
-    compile_network(net, cfg.get("compile"), cfg.trainer.get("accelerator", "auto"))
+    if compile_network(net, cfg.get("compile"), cfg.trainer.get("accelerator", "auto")):
+        # Whole training batches only: the smaller last one would compile a second graph.
+        datamodule.drop_last = True
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,

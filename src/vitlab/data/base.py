@@ -89,6 +89,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.collate_fn = keep_batch
         self.resume = ResumePoint()
+        #: Drop each epoch's smaller last training batch: ``train.build`` sets it for a compiled
+        #: network, which would otherwise compile a second training graph for that batch's shape.
+        self.drop_last = False
         #: ``"<split>:<index>"`` -> file of each unreadable file skipped so far (this process).
         self.skipped_files: dict[str, str] = {}
         # Training batches only, on the device (vitlab.data.augment: crop/flip and RandAugment
@@ -106,7 +109,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         if train:
             return train_loader(dataset, batch_size=self.batch_size, seed=self.seed, trainer=self.trainer,
                                 resume=self.resume, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                collate_fn=self.collate_fn)
+                                collate_fn=self.collate_fn, drop_last=self.drop_last)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, drop_last=False,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn)

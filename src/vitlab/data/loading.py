@@ -97,14 +97,16 @@ def seed_of(key) -> int | None:
 
 
 def train_loader(dataset, *, batch_size: int, seed: int, trainer, resume: ResumePoint | None = None,
-                 num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
+                 num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable | None = None,
+                 drop_last: bool = False) -> DataLoader:
     """A resumable training loader over ``dataset`` (an ``EpochSampler``). Under DDP the
-    sampler is given the trainer's world size and rank."""
+    sampler is given the trainer's world size and rank. ``drop_last`` drops each epoch's
+    smaller last batch (its images are others in the next epoch's order)."""
     # A datamodule used without a Trainer (a benchmark, a test): one process.
     world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
     sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank, resume=resume, batch_size=batch_size)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=collate_fn,
         # The loader's own generator: making its iterator never draws from the global one,
         # which the on-device augmentation uses (and checkpoints restore).
