@@ -13,9 +13,8 @@ import sys
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf, open_dict
-
 from conftest import CONFIG_DIR, REPO
+from omegaconf import OmegaConf, open_dict
 from test_configs import compose_train
 
 ABLATIONS = sorted(p.stem for p in (CONFIG_DIR / "experiment" / "ablation").glob("*.yaml") if p.stem != "base")
@@ -95,7 +94,7 @@ def fake_sweep(root, name, settings, acc):
         (job / "config.yaml").write_text(yaml.safe_dump({"model": {"image_size": 28, "patch_size": 4, "dim": 8}}))
         metrics = {"status": "completed", "test/acc": acc(overrides) + 0.001 * seed, "best_val_acc": acc(overrides),
                    "flops_per_image": 1e6 * overrides.get("model.patch_size", 4) ** -2, "wall_time_s": 10.0,
-                   "train_images_per_s": 100.0, "params": 1000, "machine": "Test CPU, 1 threads"}
+                   "train_images_per_s": 100.0, "params": 1000, "machine": "Test CPU, 1 thread"}
         (job / "metrics.json").write_text(json.dumps(metrics))
         if overrides.get("model.pos_emb") == "learned":
             (job / "checkpoints").mkdir()
@@ -157,7 +156,7 @@ def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_r
                                                                                      ".hydra/overrides.yaml"))
     assert "## Number of heads at fixed inner width, 10 epochs" in first and "| 4 | 24 | 3/3 | 88.10 ± 0.10 |" in first
     assert "| none | 71.44 |" in first
-    assert "6 of 12 jobs completed; 1 min of job time in all, on Test CPU, 1 threads." in first
+    assert "6 of 12 jobs completed; 1 min of job time in all, on Test CPU, 1 thread." in first
     assert (docs / "ablations" / "heads_10ep.png").stat().st_size > 10_000
     # Without the sweep's folder (a new checkout), the same tables come from the kept records.
     shutil.rmtree(runs)

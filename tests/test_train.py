@@ -1,12 +1,14 @@
 """The Hydra entry point end to end on real Fashion-MNIST slices."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from conftest import SLICE, run_entry
 from tbutil import hparams, hparams_tab, load, scalar_tags
+from vitlab.budget import cpu_name
 
 LOGGED = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "train/lr"}
 
@@ -29,6 +31,7 @@ def test_short_training_run_from_any_folder(tmp_path, data_dir):
     assert metrics["params"] > 10_000 and metrics["flops_per_image"] > 0
     assert metrics["train_images_per_s"] > 0 and metrics["wall_time_s"] > 0
     assert metrics["tags"] == ["smoke"] and metrics["seed"] == 3
+    assert re.fullmatch(rf"{re.escape(cpu_name())}, (1 thread|\d+ threads)", metrics["machine"])
     # The learning curves, epoch by epoch, as curves.png and any tracker draw them.
     history = metrics["history"]
     assert [(h["epoch"], h["step"]) for h in history] == [(1, 8), (2, 16)]

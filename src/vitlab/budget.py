@@ -103,7 +103,8 @@ def machine_name(accelerator: str | None) -> str:
     """What a run's times are measured on: the GPU where it trains on CUDA, else the CPU and its threads."""
     if on_cuda(accelerator):
         return torch.cuda.get_device_name()
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def cpu_name() -> str:

@@ -121,13 +121,14 @@ class RunRecord(L.Callback):
         # A resumed run counts the wall time of its earlier attempts too.
         self.start = time.time() - float(self.previous.get("wall_time_s", 0.0))
         self.payload = {"status": "running", "seed": self.cfg.get("seed"), "tags": list(self.cfg.get("tags") or []),
-                        "machine": machine_name(self.cfg.trainer.get("accelerator")),
                         "history": list(self.previous.get("history") or [])}
         self.save_config()
         return self
 
     def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
-        self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels))
+        # After build set torch's threads: the machine is part of what the run's times mean.
+        self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels),
+                            machine=machine_name(self.cfg.trainer.get("accelerator")))
         self.save()
 
     def save_config(self) -> None:
