@@ -280,11 +280,14 @@ def pos_emb_similarity(groups: list[Group], figure: Callable[[str], Path]) -> tu
         if kind == "sincos2d":
             embeddings["sincos2d (fixed)"] = posemb_sincos_2d(side, side, cfg["model"]["dim"]).numpy()
         else:
+            # Kept beside the job's records (19 KB), since its checkpoint stays in outputs/.
+            kept = job["kept"] / "pos_embedding.npy"
             ckpt = sorted((job["dir"] / "checkpoints").glob("best*.ckpt"))
-            if not ckpt:
-                continue
-            state = torch.load(ckpt[-1], map_location="cpu", weights_only=True)["state_dict"]
-            embeddings[f"learned (seed {job['seed']}, best checkpoint)"] = state["net.pos_embedding"].float().numpy()
+            if ckpt:
+                state = torch.load(ckpt[-1], map_location="cpu", weights_only=True)["state_dict"]
+                np.save(kept, state["net.pos_embedding"].float().numpy())
+            if kept.is_file():
+                embeddings[f"learned (seed {job['seed']}, best checkpoint)"] = np.load(kept)
     if not embeddings:
         return None, []
     notes = [f"{label}: {neighbour_contrast(emb, grid)}" for label, emb in embeddings.items()]
@@ -455,6 +458,7 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
         return lines + ["Not run yet.", ""]
     runs = load_runs(kept, [*ablation.keys, "seed"])
     # Checkpoints (the learned position embedding) stay in the sweep's own folder, where present.
+    runs["kept"] = runs["dir"]
     runs["dir"] = [multirun / name / d.name if (multirun / name / d.name).is_dir() else d for d in runs["dir"]]
     total = pd.to_numeric(runs["wall_time_s"], errors="coerce").sum()
     md, figs = ablation.render(read_sweep(runs, ablation.keys), lambda base: figures / f"{base}{suffix}.png")

@@ -131,6 +131,8 @@ def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_r
     runs, docs = tmp_path / "multirun", tmp_path / "docs"
     sweep = fake_sweep(runs, "heads_10ep", [{"model.heads": h} for h in (1, 4)],
                        lambda o: 0.80 + 0.02 * o["model.heads"])
+    fake_sweep(runs, "pos_emb_10ep", [{"model.pos_emb": k} for k in ("sincos2d", "learned")],
+               lambda o: 0.85)
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"params": {
         "seed": "0,1,2", "model.heads": "1,2,4,8"}}}}))  # 12 jobs planned
     # A job still running is neither kept nor counted as done.
@@ -158,6 +160,8 @@ def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_r
     assert "| none | 71.44 |" in first
     assert "6 of 12 jobs completed; 1 min of job time in all, on Test CPU, 1 thread." in first
     assert (docs / "ablations" / "heads_10ep.png").stat().st_size > 10_000
+    # The learned position embedding is kept too, for the similarity figure without checkpoints.
+    assert "![pos_emb_similarity_10ep](ablations/pos_emb_similarity_10ep.png)" in first
     # Without the sweep's folder (a new checkout), the same tables come from the kept records.
     shutil.rmtree(runs)
     assert first.split("\n", 3)[3] == report().split("\n", 3)[3]  # all but the generation time
