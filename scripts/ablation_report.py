@@ -75,6 +75,14 @@ def verdict(a: Stat, b: Stat, a_name: str, b_name: str) -> tuple[int, str]:
     return 0, text + " (within twice the standard error: no clear difference)"
 
 
+#: Seeds a setting needs before it takes part in a verdict: with one, its spread is unknown.
+MIN_SEEDS = 2
+
+
+def judged(group: "Group") -> bool:
+    return group.stat("test_acc").n >= MIN_SEEDS
+
+
 # --------------------------------------------------------------------------- reading
 @dataclass
 class Group:
@@ -211,7 +219,7 @@ def render_patch_size(groups: list[Group], figure: Callable[[str], Path], comput
         "patch_size", "patch size: accuracy against compute")
     figs = [errorbar_figure(figure(name), title, {"": points},
                             "forward MFLOPs per image (log)", log_x=True).name] if points else []
-    done = [g for g in groups if g.stat("test_acc").n]
+    done = [g for g in groups if judged(g)]
     if len(done) >= 2:
         pairs = [verdict(a.stat("test_acc"), b.stat("test_acc"), f"patch {a.setting['model.patch_size']}",
                          f"patch {b.setting['model.patch_size']}") for a, b in zip(done, done[1:])]
@@ -239,8 +247,8 @@ def render_pos_emb(groups: list[Group], figure: Callable[[str], Path]):
     order = {"sincos2d": 0, "learned": 1, "none": 2}
     groups.sort(key=lambda g: order.get(g.setting["model.pos_emb"], 9))
     md = [table(groups, lambda g: [str(g.setting["model.pos_emb"])], ["position embedding"])]
-    by = {g.setting["model.pos_emb"]: g.stat("test_acc") for g in groups if g.stat("test_acc").n}
-    points = [(k, v, "") for k, v in by.items()]
+    points = [(g.setting["model.pos_emb"], g.stat("test_acc"), "") for g in groups if g.stat("test_acc").n]
+    by = {g.setting["model.pos_emb"]: g.stat("test_acc") for g in groups if judged(g)}
     figs = [errorbar_figure(figure("pos_emb"), "position embedding", {"": points}, "position embedding",
                             categorical=True).name] if points else []
     sentences = []
@@ -313,7 +321,7 @@ def render_pool(groups: list[Group], figure: Callable[[str], Path]):
             series.setdefault(g.setting["model.pool"], []).append((g.setting["optimizer.lr"], g.stat("test_acc"), ""))
             pool = g.setting["model.pool"]
             # Each pooling at its own learning rate, chosen on validation accuracy (not test).
-            if pool not in best or g.stat("best_val_acc").mean > best[pool].stat("best_val_acc").mean:
+            if judged(g) and pool not in best or g.stat("best_val_acc").mean > best[pool].stat("best_val_acc").mean:
                 best[pool] = g
     figs = [errorbar_figure(figure("pool"), "pooling against learning rate", series, "learning rate (log)",
                             log_x=True).name] if series else []
@@ -338,7 +346,7 @@ def render_depth_width(groups: list[Group], figure: Callable[[str], Path]):
     points = [(depth(g), g.stat("test_acc"), str(g.setting["shape"])) for g in groups if g.stat("test_acc").n]
     figs = [errorbar_figure(figure("depth_width"), "depth x width at matched FLOPs", {"": points}, "depth (log)",
                             log_x=True).name] if points else []
-    done = [g for g in groups if g.stat("test_acc").n]
+    done = [g for g in groups if judged(g)]
     if len(done) >= 2:
         best = max(done, key=lambda g: g.stat("test_acc").mean)
         shallow = done[0]
@@ -363,7 +371,7 @@ def render_heads(groups: list[Group], figure: Callable[[str], Path]):
     points = [(g.setting["model.heads"], g.stat("test_acc"), "") for g in groups if g.stat("test_acc").n]
     figs = [errorbar_figure(figure("heads"), "heads at fixed inner width", {"": points}, "heads (log)",
                             log_x=True).name] if points else []
-    done = [g for g in groups if g.stat("test_acc").n]
+    done = [g for g in groups if judged(g)]
     one = next((g for g in done if g.setting["model.heads"] == 1), None)
     if one and len(done) >= 2:
         best = max(done, key=lambda g: g.stat("test_acc").mean)
@@ -461,7 +469,11 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     runs["kept"] = runs["dir"]
     runs["dir"] = [multirun / name / d.name if (multirun / name / d.name).is_dir() else d for d in runs["dir"]]
     total = pd.to_numeric(runs["wall_time_s"], errors="coerce").sum()
-    md, figs = ablation.render(read_sweep(runs, ablation.keys), lambda base: figures / f"{base}{suffix}.png")
+    groups = read_sweep(runs, ablation.keys)
+    md, figs = ablation.render(groups, lambda base: figures / f"{base}{suffix}.png")
+    if any(g.stat("test_acc").n == 1 for g in groups):
+        md.insert(1, f"Settings with fewer than {MIN_SEEDS} completed seeds are in the table and figure but in no "
+                     "verdict: their spread over seeds is not known yet.")
     done, planned = (runs["status"] == "completed").sum(), planned_jobs(kept) or len(runs)
     machines = sorted(set(runs["machine"].dropna())) if "machine" in runs else []
     lines += [f"{done} of {planned} jobs completed; {total / 60:.0f} min of job time in all"

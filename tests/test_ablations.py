@@ -165,3 +165,18 @@ def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_r
     # Without the sweep's folder (a new checkout), the same tables come from the kept records.
     shutil.rmtree(runs)
     assert first.split("\n", 3)[3] == report().split("\n", 3)[3]  # all but the generation time
+
+
+def test_a_setting_with_one_seed_is_in_the_table_but_in_no_verdict(tmp_path):
+    runs, docs = tmp_path / "multirun", tmp_path / "docs"
+    sweep = fake_sweep(runs, "pos_emb", [{"model.pos_emb": k} for k in ("sincos2d", "learned", "none")],
+                       lambda o: {"sincos2d": 0.85, "learned": 0.80, "none": 0.70}[o["model.pos_emb"]])
+    for job in ("4_job", "5_job"):  # learned: seed 0 only
+        shutil.rmtree(sweep / job)
+    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = re.sub(r" +", " ", (docs / "ablations.md").read_text())
+    assert "| learned | 1/1 | 80.00 |" in text
+    assert "**Reproduced**: position information helps" in text  # sincos2d and none have 3 seeds each
+    assert "sincos2d − learned" not in text and "fewer than 2 completed seeds are in the table" in text
