@@ -65,11 +65,7 @@ def measure_images_per_s(net: torch.nn.Module, cfg: DictConfig, image_size: int,
             optimizer.zero_grad(set_to_none=True)
         sync()
     rate = steps * batch / (time.perf_counter() - start)
-    if fabric.device.type == "cuda":
-        device = torch.cuda.get_device_name(fabric.device)
-    else:
-        device = f"{cpu_name()}, {torch.get_num_threads()} threads"
-    return {"measured_images_per_s": round(rate, 1), "device": device}
+    return {"measured_images_per_s": round(rate, 1), "device": machine_name(cfg.trainer.get("accelerator", "auto"))}
 
 
 def plan(cfg: DictConfig, flops_per_image: int, measure=None, previous: dict | None = None) -> dict[str, Any] | None:
