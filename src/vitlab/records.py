@@ -128,7 +128,7 @@ class RunRecord(L.Callback):
     def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
         # After build set torch's threads: the machine is part of what the run's times mean.
         self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels),
-                            machine=machine_name(self.cfg.trainer.get("accelerator")))
+                            machine=machine_name(self.cfg.trainer.get("accelerator", "auto")))
         self.save()
 
     def save_config(self) -> None:
