@@ -22,6 +22,7 @@ import argparse
 import math
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -180,7 +181,9 @@ class Ablation:
     # (groups, figure path of a base name) -> (markdown paragraphs, figure file names)
     render: Callable[[list[Group], Callable[[str], Path]], tuple[list[str], list[str]]]
     #: What ``scripts/ablate.sh <name>`` is given for the 10-epoch sweep.
-    long_args: str = "trainer.max_epochs=10"
+    #: Every 10-epoch table runs in fp32 (32-true), as its first jobs did on a CPU without bf16 units:
+    #: on a CPU with them the default would be bf16-mixed, and a table must not mix precisions.
+    long_args: str = "trainer.max_epochs=10 trainer.precision=32-true"
 
 
 #: The lengths every ablation is reported at: (sweep-folder suffix, heading, training length).
@@ -321,11 +324,15 @@ def render_pool(groups: list[Group], figure: Callable[[str], Path]):
             series.setdefault(g.setting["model.pool"], []).append((g.setting["optimizer.lr"], g.stat("test_acc"), ""))
             pool = g.setting["model.pool"]
             # Each pooling at its own learning rate, chosen on validation accuracy (not test).
-            if judged(g) and pool not in best or g.stat("best_val_acc").mean > best[pool].stat("best_val_acc").mean:
+            if pool not in best or g.stat("best_val_acc").mean > best[pool].stat("best_val_acc").mean:
                 best[pool] = g
     figs = [errorbar_figure(figure("pool"), "pooling against learning rate", series, "learning rate (log)",
                             log_x=True).name] if series else []
-    if "mean" in best and "cls" in best:
+    if best and not all(judged(g) for g in best.values()):
+        md.append("Learning rate with the best mean validation accuracy so far: " + ", ".join(
+            f"{pool} {g.setting['optimizer.lr']:g} ({g.stat('best_val_acc').n} seed{'s' * (g.stat('best_val_acc').n > 1)})"
+            for pool, g in sorted(best.items(), key=lambda item: item[0] != "mean")) + f"; the verdict waits for {MIN_SEEDS} seeds of each.")
+    elif "mean" in best and "cls" in best:
         m, c = best["mean"], best["cls"]
         s, text = verdict(m.stat("test_acc"), c.stat("test_acc"),
                           f"mean (lr {m.setting['optimizer.lr']:g})", f"cls (lr {c.setting['optimizer.lr']:g})")
@@ -396,7 +403,7 @@ ABLATIONS = [
              "ViT paper, Fig. 5 / Table 5 compare at matched pre-training compute: here every patch size trains for "
              "the same training FLOPs (`budget.flops`): those of one epoch of patch 4 (5.3e12), or of ten (5.3e13).",
              lambda groups, figure: render_patch_size(groups, figure, compute=True),
-             long_args="budget.flops=5.3e13 sweep=ablation_patch_size_compute_10ep"),
+             long_args="budget.flops=5.3e13 sweep=ablation_patch_size_compute_10ep trainer.precision=32-true"),
     Ablation("pos_emb", "Position embedding", ["model.pos_emb"],
              "ViT paper, Table 8: none 61.4 vs learned 1-D 64.2 vs 2-D 64.0 (five-shot ImageNet); Beyer et al. 2022, "
              "Table 1: a learned embedding instead of fixed sincos costs 1.5 points at 90 epochs.", render_pos_emb),
@@ -449,6 +456,19 @@ def previous_sections(page: Path) -> dict[str, list[str]]:
     return sections
 
 
+def precision_note(runs: pd.DataFrame) -> str:
+    """The end of a table's summary line: the trainer precision its completed jobs ran in, and a
+    warning when they ran in more than one (then a gap between settings may be the precision's)."""
+    counts = Counter(str(((job_config(d) or {}).get("trainer") or {}).get("precision", "?"))
+                     for d, status in zip(runs["kept"], runs["status"]) if status == "completed")
+    counts.pop("?", None)
+    if len(counts) > 1:
+        mixed = ", ".join(f"{p}: {n} jobs" for p, n in sorted(counts.items()))
+        return (f"; **precisions mixed** ({mixed}): a difference between settings may be the precision's, "
+                "so run the rest in the precision of the first jobs.")
+    return f"; precision {next(iter(counts))}." if counts else "."
+
+
 def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun: Path, figures: Path,
             previous: dict[str, list[str]]) -> list[str]:
     name = f"ablation_{ablation.name}{suffix}"
@@ -477,7 +497,7 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     done, planned = (runs["status"] == "completed").sum(), planned_jobs(kept) or len(runs)
     machines = sorted(set(runs["machine"].dropna())) if "machine" in runs else []
     lines += [f"{done} of {planned} jobs completed; {total / 60:.0f} min of job time in all"
-              + (f", on {' and '.join(machines)}." if machines else "."), ""]
+              + (f", on {' and '.join(machines)}" if machines else "") + precision_note(runs), ""]
     lines += [item for text in md for item in (text, "")]
     return lines + [item for fig in figs for item in (f"![{Path(fig).stem}](ablations/{fig})", "")]
 

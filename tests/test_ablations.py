@@ -83,15 +83,18 @@ def test_ablate_sh_refuses_an_unknown_name():
     assert result.returncode == 2 and "unknown ablation 'patchsize'" in result.stderr and "patch_size" in result.stderr
 
 
-def fake_sweep(root, name, settings, acc):
+def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed: None):
     """A sweep folder as a multirun leaves it: per job .hydra/overrides.yaml, config.yaml, metrics.json."""
     sweep = root / f"ablation_{name}"
-    for num, (overrides, seed) in enumerate((o, s) for o in settings for s in (0, 1, 2)):
+    for num, (overrides, seed) in enumerate((o, s) for o in settings for s in seeds):
         job = sweep / f"{num}_job"
         (job / ".hydra").mkdir(parents=True)
         items = [f"{k}={v}" for k, v in overrides.items()] + [f"seed={seed}"]
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(items))
-        (job / "config.yaml").write_text(yaml.safe_dump({"model": {"image_size": 28, "patch_size": 4, "dim": 8}}))
+        config = {"model": {"image_size": 28, "patch_size": 4, "dim": 8}}
+        if precision(seed):
+            config["trainer"] = {"precision": precision(seed)}
+        (job / "config.yaml").write_text(yaml.safe_dump(config))
         metrics = {"status": "completed", "test/acc": acc(overrides) + 0.001 * seed, "best_val_acc": acc(overrides),
                    "flops_per_image": 1e6 * overrides.get("model.patch_size", 4) ** -2, "wall_time_s": 10.0,
                    "train_images_per_s": 100.0, "params": 1000, "machine": "Test CPU, 1 thread"}
@@ -180,3 +183,33 @@ def test_a_setting_with_one_seed_is_in_the_table_but_in_no_verdict(tmp_path):
     assert "| learned | 1/1 | 80.00 |" in text
     assert "**Reproduced**: position information helps" in text  # sincos2d and none have 3 seeds each
     assert "sincos2d − learned" not in text and "fewer than 2 completed seeds are in the table" in text
+
+
+def test_pool_with_one_seed_names_the_learning_rates_chosen_so_far_and_waits_for_the_verdict(tmp_path):
+    # The 10-epoch pool sweep after its first seed: every setting has one completed job.
+    runs, docs = tmp_path / "multirun", tmp_path / "docs"
+    fake_sweep(runs, "pool_10ep", [{"model.pool": p, "optimizer.lr": lr} for p in ("mean", "cls") for lr in (0.001, 0.004)],
+               lambda o: 0.85 + (0.01 if (o["model.pool"] == "mean") == (o["optimizer.lr"] == 0.001) else 0), seeds=(0,))
+    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (docs / "ablations.md").read_text()
+    assert ("Learning rate with the best mean validation accuracy so far: mean 0.001 (1 seed), cls 0.004 (1 seed); "
+            "the verdict waits for 2 seeds of each.") in text
+    assert "mean pooling beats" not in text and "poolings tie" not in text and "class token is better" not in text
+
+
+def test_report_names_the_precision_of_a_table_and_flags_a_table_that_mixes_two(tmp_path):
+    runs, docs = tmp_path / "multirun", tmp_path / "docs"
+    fake_sweep(runs, "pos_emb_10ep", [{"model.pos_emb": k} for k in ("sincos2d", "none")], lambda o: 0.85,
+               precision=lambda seed: "32-true")
+    fake_sweep(runs, "heads_10ep", [{"model.heads": h} for h in (1, 4)], lambda o: 0.85,
+               precision=lambda seed: "bf16-mixed" if seed == 2 else "32-true")
+    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (docs / "ablations.md").read_text()
+    assert "6 of 6 jobs completed; 1 min of job time in all, on Test CPU, 1 thread; precision 32-true." in text
+    assert ("on Test CPU, 1 thread; **precisions mixed** (32-true: 4 jobs, bf16-mixed: 2 jobs): a difference "
+            "between settings may be the precision's") in text
+    assert "`scripts/ablate.sh heads trainer.max_epochs=10 trainer.precision=32-true`" in text

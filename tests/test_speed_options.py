@@ -85,6 +85,7 @@ def test_gpu_preset_on_cpu_compiles_and_checkpoints_load_either_way(tmp_path, da
         plain = compose_train("trainer.accelerator=cpu", "compile.enabled=false", *TINY, *STEPS, tmp=tmp_path)
         eager_data, fresh, _ = build(plain)
         assert fresh.net._compiled_call_impl is None and not eager_data.drop_last
+        assert module.pad_eval_batches and not fresh.pad_eval_batches
         assert set(state) == set(fresh.state_dict()), "compiling must not rename the checkpoint's keys"
         fresh.load_state_dict(state)
         images = torch.randn(4, 1, 28, 28)
@@ -100,6 +101,33 @@ def test_gpu_preset_on_cpu_compiles_and_checkpoints_load_either_way(tmp_path, da
         assert trainer.global_step == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_padded_evaluation_runs_whole_batches_and_scores_as_before(tmp_path):
+    """With pad_eval_batches (set for a compiled network), the smaller last batch of a split
+    reaches the network padded to the full batch, so one graph serves evaluation; loss and
+    accuracy are those of the unpadded evaluation."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vitlab.models import SimpleViT
+    from vitlab.module import ImageClassifier
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(70, 1, 28, 28), torch.randint(0, 10, (70,))), batch_size=32)
+    net = SimpleViT(image_size=28, patch_size=7, num_classes=10, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=32,
+                    channels=1)
+    shapes = []
+    net.register_forward_pre_hook(lambda _, args: shapes.append(len(args[0])))
+    results = {}
+    for pad in (False, True):
+        module = ImageClassifier(net=net, num_classes=10, optimizer=None, pad_eval_batches=pad, test_hflip=True)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        shapes.clear()
+        results[pad] = trainer.validate(module, data, verbose=False)[0] | trainer.test(module, data, verbose=False)[0]
+        assert shapes == ([32, 32, 6] + [32, 32, 32, 32, 6, 6] if not pad else [32] * 9), f"pad={pad}: {shapes}"
+    assert results[True] == pytest.approx(results[False], abs=1e-5)
 
 
 def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_dir):

@@ -25,22 +25,36 @@ class ImageClassifier(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         label_smoothing: float = 0.0,
         test_hflip: bool = False,
+        pad_eval_batches: bool = False,
     ):
         super().__init__()
         # The network's own config is saved by the run (config.yaml); keep the checkpoint's
         # hyperparameters to plain values.
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "pad_eval_batches"])
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
         self.test_hflip = test_hflip
+        # A compiled network evaluates a smaller (last) batch padded to the largest evaluation batch
+        # so far, so that evaluation runs one graph, not a second one for a dynamic batch size.
+        self.pad_eval_batches = pad_eval_batches
+        self._eval_batch = 0
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        if self.training or not self.pad_eval_batches:
+            return self.net(images)
+        n = len(images)
+        self._eval_batch = max(self._eval_batch, n)
+        if n == self._eval_batch:
+            return self.net(images)
+        # Up to the largest evaluation batch so far; samples do not interact in the network, so
+        # the zero images leave the real ones' logits as they were.
+        padding = images.new_zeros((self._eval_batch - n, *images.shape[1:]))
+        return self.net(torch.cat([images, padding]))[:n]
 
     def test_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for testing; with ``test_hflip``, test-time augmentation: the log of the mean

@@ -75,12 +75,15 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
     if record is not None:
         record.describe_model(net, datamodule.image_size, datamodule.channels)
         apply_budget(cfg, net, datamodule, record)
-    if compile_network(net, cfg.get("compile"), cfg.trainer.get("accelerator", "auto")):
-        # Whole training batches only: the smaller last one would compile a second graph.
+    compiled = compile_network(net, cfg.get("compile"), cfg.trainer.get("accelerator", "auto"))
+    if compiled:
+        # Whole training batches only: the smaller last one would compile a second graph
+        # (evaluation pads its smaller batches instead: pad_eval_batches).
         datamodule.drop_last = True
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,
+        pad_eval_batches=compiled,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
