@@ -4,7 +4,9 @@
 #   scripts/ablate.sh <name> [extra Hydra overrides]     # name: patch_size pos_emb pool depth_width heads
 #   scripts/ablate.sh all                                # every ablation, one after another
 #   scripts/ablate.sh pos_emb data=cifar10 trainer=gpu   # on CIFAR-10: outputs/multirun/ablation_pos_emb_cifar10/
-#   scripts/ablate.sh pos_emb trainer.max_epochs=10      # 10 epochs: outputs/multirun/ablation_pos_emb_10ep/
+#   scripts/ablate.sh pos_emb trainer.max_epochs=10 trainer.precision=32-true
+#                                                        # 10 epochs: outputs/multirun/ablation_pos_emb_10ep/
+#                                                        # (every 10-epoch table runs in fp32, as its first jobs did)
 #   scripts/ablate.sh patch_size_32 data=cifar10 ...     # patch 2/4/8/16 for 32 px images
 #
 # The sweep goes to outputs/multirun/ablation_<name>/ (a fixed folder: re-running skips the
