@@ -52,7 +52,10 @@ for n in "${names[@]}"; do
   if [[ -d $kept ]]; then mkdir -p "$multirun/$sweep" && cp -rn "$kept/." "$multirun/$sweep/"; fi
   named=()
   [[ -n $explicit ]] || named=("sweep=$sweep")
-  python -m vitlab.train -m "experiment=ablation/$n" launcher=joblib "$@" "${named[@]}" || status=$?
+  # reuse: a job equal to a completed one of another sweep (the base setting that every ablation
+  # shares) takes its results instead of training again; reuse=null among the overrides trains it.
+  python -m vitlab.train -m "experiment=ablation/$n" launcher=joblib "reuse=$PWD/docs/ablations/runs" "$@" \
+    "${named[@]}" || status=$?
 done
 python scripts/ablation_report.py --multirun "$multirun"
 exit $status

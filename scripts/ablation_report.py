@@ -488,7 +488,9 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     # Checkpoints (the learned position embedding) stay in the sweep's own folder, where present.
     runs["kept"] = runs["dir"]
     runs["dir"] = [multirun / name / d.name if (multirun / name / d.name).is_dir() else d for d in runs["dir"]]
-    total = pd.to_numeric(runs["wall_time_s"], errors="coerce").sum()
+    # A job that took the results of the same run in another sweep (reuse) cost no time here.
+    reused = runs["reused_from"].notna() if "reused_from" in runs else pd.Series(False, index=runs.index)
+    total = pd.to_numeric(runs["wall_time_s"][~reused], errors="coerce").sum()
     groups = read_sweep(runs, ablation.keys)
     md, figs = ablation.render(groups, lambda base: figures / f"{base}{suffix}.png")
     if any(g.stat("test_acc").n == 1 for g in groups):
@@ -496,7 +498,9 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
                      "verdict: their spread over seeds is not known yet.")
     done, planned = (runs["status"] == "completed").sum(), planned_jobs(kept) or len(runs)
     machines = sorted(set(runs["machine"].dropna())) if "machine" in runs else []
-    lines += [f"{done} of {planned} jobs completed; {total / 60:.0f} min of job time in all"
+    shared = (f" ({reused.sum()} of them the same run as a job of another sweep, whose results they took: "
+              "`reused_from` in their metrics.json)" if reused.any() else "")
+    lines += [f"{done} of {planned} jobs completed{shared}; {total / 60:.0f} min of job time in all"
               + (f", on {' and '.join(machines)}" if machines else "") + precision_note(runs), ""]
     lines += [item for text in md for item in (text, "")]
     return lines + [item for fig in figs for item in (f"![{Path(fig).stem}](ablations/{fig})", "")]

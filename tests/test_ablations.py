@@ -213,3 +213,17 @@ def test_report_names_the_precision_of_a_table_and_flags_a_table_that_mixes_two(
     assert ("on Test CPU, 1 thread; **precisions mixed** (32-true: 4 jobs, bf16-mixed: 2 jobs): a difference "
             "between settings may be the precision's") in text
     assert "`scripts/ablate.sh heads trainer.max_epochs=10 trainer.precision=32-true`" in text
+
+
+def test_report_counts_jobs_that_took_the_results_of_the_same_run_elsewhere(tmp_path):
+    runs, docs = tmp_path / "multirun", tmp_path / "docs"
+    sweep = fake_sweep(runs, "heads_10ep", [{"model.heads": h} for h in (1, 4)], lambda o: 0.85)
+    for job in ("3_job", "4_job", "5_job"):  # heads=4 is the base setting, run in another sweep
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        (sweep / job / "metrics.json").write_text(json.dumps(metrics | {"reused_from": "elsewhere", "wall_time_s": 600}))
+    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (docs / "ablations.md").read_text()
+    assert ("6 of 6 jobs completed (3 of them the same run as a job of another sweep, whose results they took: "
+            "`reused_from` in their metrics.json); 0 min of job time in all") in text

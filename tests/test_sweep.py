@@ -89,6 +89,26 @@ def test_failing_job_does_not_stop_the_sweep_and_rerun_skips_completed(tmp_path,
     assert job_metrics(sweep) == jobs | {"1_model.patch_size=5": job_metrics(sweep)["1_model.patch_size=5"]}
 
 
+def test_a_job_equal_to_a_completed_run_takes_its_results_with_reuse(tmp_path, data_dir):
+    """reuse=<folder>: a job whose config equals a completed run's there in all that decides the
+    result takes that run's metrics (marked reused_from) instead of training; the others train."""
+    common = (*SLICE, "trainer.max_epochs=1")
+    run_entry("vitlab.train", *common, "name=base", cwd=tmp_path, data_dir=data_dir)
+    base = tmp_path / "outputs" / "runs" / "base"
+    # Threads, logging and the folder differ from the base run; they do not decide the result.
+    sweep_args = ("-m", "model.patch_size=4,7", *common, "sweep=other", "torch_threads=1", "logger=none",
+                  f"reuse={tmp_path / 'outputs' / 'runs'}")
+    result = run_entry("vitlab.train", *sweep_args, cwd=tmp_path, data_dir=data_dir)
+    assert f"{base} completed the same run" in result.stdout + result.stderr
+    jobs = job_metrics(tmp_path / "outputs" / "multirun" / "other")
+    reused, trained = jobs["0_model.patch_size=4"], jobs["1_model.patch_size=7"]
+    assert reused == read_metrics(base) | {"reused_from": str(base)}
+    assert not (tmp_path / "outputs" / "multirun" / "other" / "0_model.patch_size=4" / "checkpoints").exists()
+    assert trained["status"] == "completed" and "reused_from" not in trained
+    assert yaml.safe_load((tmp_path / "outputs" / "multirun" / "other" / "0_model.patch_size=4" / "config.yaml").read_text(
+    ))["torch_threads"] == 1, "the job's own config is kept"
+
+
 def test_run_killed_with_sigkill_resumes_from_last_checkpoint(tmp_path, data_dir):
     overrides = [*SLICE, "trainer.max_epochs=3", "trainer.limit_train_batches=150", "name=longrun"]
     run_dir = tmp_path / "outputs" / "runs" / "longrun"

@@ -125,6 +125,16 @@ class RunRecord(L.Callback):
         self.save_config()
         return self
 
+    def reuse(self, source: Path) -> dict:
+        """Record the results of ``source``, a completed run of the same config (``reuse``), as
+        this run's: its metrics.json with ``reused_from`` naming it, beside this run's config.yaml."""
+        self.payload = read_metrics(source) | {"reused_from": str(source)}
+        if self.writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
+            write_json(self.dir / METRICS_FILE, self.payload)
+        return self.payload
+
     def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
         # After build set torch's threads: the machine is part of what the run's times mean.
         self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels),

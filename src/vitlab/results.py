@@ -123,3 +123,47 @@ def group_stats(runs: pd.DataFrame, keys: Sequence[str], metrics: Iterable[str] 
     stats.columns = [f"{metric}_{'n' if stat == 'count' else stat}" for metric, stat in stats.columns]
     stats = grouped[["jobs", "completed"]].sum().join(stats).reset_index(drop=not keys)
     return stats.sort_values(keys, key=lambda column: column.map(_order)).reset_index(drop=True) if keys else stats
+
+
+#: Config fields that do not decide a run's result: where it reads and writes, how it is named,
+#: logged and shown, how many threads and workers it uses, whether it is compiled (and, in any
+#: section, Hydra's ``_convert_``, how instantiate passes lists). Two runs equal in everything
+#: else are the same experiment (``identical_run``).
+INCIDENTAL = {
+    "": ("task_name", "tags", "torch_threads", "compile", "ckpt_path", "resume", "name", "sweep", "paths", "logger",
+         "optimized_metric", "reuse", "hydra"),
+    "data": ("data_dir", "num_workers", "pin_memory", "persistent_workers", "download", "cache_dir"),
+    "trainer": ("default_root_dir", "enable_progress_bar", "log_every_n_steps"),
+}
+
+
+def deciding_config(config: dict) -> dict:
+    """A resolved config (a plain dict) less its ``INCIDENTAL`` fields and the callbacks' folders."""
+    def plain(node):
+        return {k: plain(v) for k, v in node.items() if k != "_convert_"} if isinstance(node, dict) else node
+
+    config = {k: v for k, v in plain(config).items() if k not in INCIDENTAL[""]}
+    for section in ("data", "trainer"):
+        if isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items() if k not in INCIDENTAL[section]}
+    if isinstance(config.get("callbacks"), dict):
+        config["callbacks"] = {name: {k: v for k, v in c.items() if k != "dirpath"} if isinstance(c, dict) else c
+                               for name, c in config["callbacks"].items()}
+    return config
+
+
+def identical_run(config: dict, folder: str | Path, exclude: Path | None = None) -> Path | None:
+    """The first completed run below ``folder`` (a folder with ``metrics.json`` and the
+    ``config.yaml`` of a vitlab.train run, at any depth) whose config equals ``config`` in every
+    field that decides the result (``deciding_config``), or None. Not ``exclude``, nor one that
+    itself took another's results."""
+    wanted = deciding_config(config)
+    for path in sorted(Path(folder).rglob(METRICS_FILE)):
+        run = path.parent
+        metrics = read_metrics(run)
+        if (run.resolve() == (exclude.resolve() if exclude else None) or metrics.get("status") != "completed"
+                or metrics.get("reused_from") or not (run / "config.yaml").is_file()):
+            continue
+        if deciding_config(yaml.safe_load((run / "config.yaml").read_text()) or {}) == wanted:
+            return run
+    return None

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vitlab import budget
 from vitlab.callbacks import RNGState, ValidateLastStep
@@ -26,6 +26,7 @@ from vitlab.checkpoint import RunInfo, check_compatible, load_checkpoint
 from vitlab.config import CONFIG_PATH, instantiate_dict, instantiate_model, quote_path_overrides, register_resolvers
 from vitlab.errors import entry_point
 from vitlab.records import RunRecord
+from vitlab.results import identical_run
 from vitlab.sweep import sweep_job
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ def train(cfg: DictConfig) -> dict:
     if record.completed:
         log.info(f"{record.dir} holds a completed run: skipped (resume=false trains it again).")
         return record.previous
+    if cfg.get("reuse") and (same := identical_run(OmegaConf.to_container(cfg, resolve=True), cfg.reuse, record.dir)):
+        log.info(f"{same} completed the same run (the same config but folders, names and threads): its results "
+                 f"are taken, not trained again (reuse=null trains it).")
+        return record.reuse(same)
     # Continue an interrupted attempt in this folder from its last checkpoint.
     resuming = not cfg.get("ckpt_path") and cfg.resume and record.last_checkpoint is not None
     ckpt_path = cfg.get("ckpt_path") or (record.last_checkpoint if cfg.resume else None)
