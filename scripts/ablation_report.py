@@ -427,7 +427,9 @@ def keep_records(sweep: Path, kept: Path) -> None:
     if (sweep / "multirun.yaml").is_file():
         shutil.copy2(sweep / "multirun.yaml", kept / "multirun.yaml")
     for job in job_dirs(sweep):
-        if (read_metrics(job) or {}).get("status") != "completed":
+        metrics = read_metrics(job) or {}
+        # A job kept before stays as it was: a later sweep that skipped it rewrote its overrides.yaml.
+        if metrics.get("status") != "completed" or read_metrics(kept / job.name) == metrics:
             continue
         for name in RECORDS:
             if (job / name).is_file():

@@ -165,6 +165,13 @@ def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_r
     assert (docs / "ablations" / "heads_10ep.png").stat().st_size > 10_000
     # The learned position embedding is kept too, for the similarity figure without checkpoints.
     assert "![pos_emb_similarity_10ep](ablations/pos_emb_similarity_10ep.png)" in first
+    # A sweep run again (here with another override) skips the kept jobs but writes their
+    # overrides.yaml anew: the kept records stay as they were.
+    overrides = (sweep / "0_job" / ".hydra" / "overrides.yaml")
+    kept_overrides = (kept / "0_job" / ".hydra" / "overrides.yaml").read_text()
+    overrides.write_text(overrides.read_text() + "- torch_threads=1\n")
+    assert report().split("\n", 3)[3] == first.split("\n", 3)[3]
+    assert (kept / "0_job" / ".hydra" / "overrides.yaml").read_text() == kept_overrides
     # Without the sweep's folder (a new checkout), the same tables come from the kept records.
     shutil.rmtree(runs)
     assert first.split("\n", 3)[3] == report().split("\n", 3)[3]  # all but the generation time
