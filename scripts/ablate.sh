@@ -43,6 +43,7 @@ for arg in "$@"; do
   if [[ $arg == sweep=* ]]; then explicit="${arg#sweep=}"; fi
 done
 multirun="${VITLAB_OUTPUT_DIR:-outputs}/multirun"
+mkdir -p docs/ablations/runs
 status=0
 for n in "${names[@]}"; do
   sweep="${explicit:-ablation_$n$suffix}"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf, read_write
 from conftest import SLICE, run_entry
 from test_configs import compose_train
 
-from vitlab.results import job_dirs
+from vitlab.results import identical_run, job_dirs
 from vitlab.rundir import read_metrics
 from vitlab.sweep import SweepCallback, sweep_job
 
@@ -107,6 +108,11 @@ def test_a_job_equal_to_a_completed_run_takes_its_results_with_reuse(tmp_path, d
     assert trained["status"] == "completed" and "reused_from" not in trained
     assert yaml.safe_load((tmp_path / "outputs" / "multirun" / "other" / "0_model.patch_size=4" / "config.yaml").read_text(
     ))["torch_threads"] == 1, "the job's own config is kept"
+
+
+def test_reuse_of_a_folder_that_does_not_exist_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"reuse=.*/nowhere is not a folder: name a folder of earlier runs"):
+        identical_run({"seed": 0}, tmp_path / "nowhere")
 
 
 def test_run_killed_with_sigkill_resumes_from_last_checkpoint(tmp_path, data_dir):

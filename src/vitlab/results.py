@@ -157,6 +157,9 @@ def identical_run(config: dict, folder: str | Path, exclude: Path | None = None)
     ``config.yaml`` of a vitlab.train run, at any depth) whose config equals ``config`` in every
     field that decides the result (``deciding_config``), or None. Not ``exclude``, nor one that
     itself took another's results."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"reuse={folder} is not a folder: name a folder of earlier runs "
+                                "(scripts/ablate.sh uses docs/ablations/runs), or reuse=null.")
     wanted = deciding_config(config)
     for path in sorted(Path(folder).rglob(METRICS_FILE)):
         run = path.parent
