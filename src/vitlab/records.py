@@ -127,8 +127,11 @@ class RunRecord(L.Callback):
 
     def reuse(self, source: Path) -> dict:
         """Record the results of ``source``, a completed run of the same config (``reuse``), as
-        this run's: its metrics.json with ``reused_from`` naming it, beside this run's config.yaml."""
-        self.payload = read_metrics(source) | {"reused_from": str(source)}
+        this run's: its metrics.json with ``reused_from`` naming it (relative to the working folder
+        when below it, as kept records are committed), beside this run's config.yaml."""
+        source, here = Path(source).resolve(), Path.cwd().resolve()
+        named = source.relative_to(here) if source.is_relative_to(here) else source
+        self.payload = read_metrics(source) | {"reused_from": str(named)}
         if self.writer:
             self.dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
