@@ -60,7 +60,8 @@ class CheckpointOnSigterm(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
+            # The whole state (optimiser, loops, callbacks): the re-run resumes from it.
+            trainer.save_checkpoint(self.path, weights_only=False)
 
 
 def rng_states() -> dict[str, Any]:
