@@ -234,3 +234,15 @@ def test_report_counts_jobs_that_took_the_results_of_the_same_run_elsewhere(tmp_
     text = (docs / "ablations.md").read_text()
     assert ("6 of 6 jobs completed (3 of them the same run as a job of another sweep, whose results they took: "
             "`reused_from` in their metrics.json); 0 min of job time in all") in text
+
+
+def test_verdicts_use_welchs_t_test_over_the_seeds():
+    report = _load_report()
+    a, b = report.Stat(0.90, 0.01, 3), report.Stat(0.88, 0.01, 3)
+    # 2 points with a standard error of 0.82: beyond twice the standard error, but with 3 seeds
+    # a side Welch's test gives p = 0.07, so it is no clear difference.
+    sign, text = report.verdict(a, b, "a", "b")
+    assert sign == 0 and "a − b = +2.00 ± 0.82 points, Welch's t-test p = 0.07 (p ≥ 0.05: no clear difference)" in text
+    assert report.verdict(report.Stat(0.91, 0.01, 3), b, "a", "b")[0] == 1  # 3 points: p = 0.02
+    assert report.verdict(b, report.Stat(0.91, 0.01, 3), "b", "a")[0] == -1
+    assert report.verdict(report.Stat(0.9, 0.0, 2), report.Stat(0.9, 0.0, 2), "a", "b")[0] == 0
