@@ -105,6 +105,14 @@ def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed
     return sweep
 
 
+def write_report(runs, docs):
+    """Run scripts/ablation_report.py on the sweeps below ``runs``; the page it wrote into ``docs``."""
+    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return (docs / "ablations.md").read_text()
+
+
 def test_report_writes_tables_figures_and_verdicts_from_the_numbers(tmp_path):
     runs = tmp_path / "multirun"
     fake_sweep(runs, "patch_size", [{"model.patch_size": p} for p in (2, 4, 7, 14)],
@@ -114,10 +122,7 @@ def test_report_writes_tables_figures_and_verdicts_from_the_numbers(tmp_path):
     fake_sweep(runs, "pool", [{"model.pool": p, "optimizer.lr": lr} for p in ("mean", "cls") for lr in (0.001, 0.002)],
                lambda o: 0.85 + (0.02 if o["model.pool"] == "mean" else 0) + (0.01 if o["optimizer.lr"] == 0.002 else 0))
     docs = tmp_path / "docs"
-    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    text = (docs / "ablations.md").read_text()
+    text = write_report(runs, docs)
     assert "**Reproduced**: each smaller patch is better" in text
     assert "**Reproduced**: position information helps" in text
     assert "**Learned and fixed embeddings tie**" in text
@@ -149,10 +154,7 @@ def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_r
                                        "## Patch size, 1 epoch (early training)\n\nNot run yet.\n")
 
     def report():
-        result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs),
-                                 "--docs", str(docs)], cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        return re.sub(r" +", " ", (docs / "ablations.md").read_text())
+        return re.sub(r" +", " ", write_report(runs, docs))
 
     first = report()
     kept = docs / "ablations" / "runs" / "ablation_heads_10ep"
@@ -183,10 +185,7 @@ def test_a_setting_with_one_seed_is_in_the_table_but_in_no_verdict(tmp_path):
                        lambda o: {"sincos2d": 0.85, "learned": 0.80, "none": 0.70}[o["model.pos_emb"]])
     for job in ("4_job", "5_job"):  # learned: seed 0 only
         shutil.rmtree(sweep / job)
-    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    text = re.sub(r" +", " ", (docs / "ablations.md").read_text())
+    text = re.sub(r" +", " ", write_report(runs, docs))
     assert "| learned | 1/1 | 80.00 |" in text
     assert "**Reproduced**: position information helps" in text  # sincos2d and none have 3 seeds each
     assert "sincos2d − learned" not in text and "fewer than 2 completed seeds are in the table" in text
@@ -197,10 +196,7 @@ def test_pool_with_one_seed_names_the_learning_rates_chosen_so_far_and_waits_for
     runs, docs = tmp_path / "multirun", tmp_path / "docs"
     fake_sweep(runs, "pool_10ep", [{"model.pool": p, "optimizer.lr": lr} for p in ("mean", "cls") for lr in (0.001, 0.004)],
                lambda o: 0.85 + (0.01 if (o["model.pool"] == "mean") == (o["optimizer.lr"] == 0.001) else 0), seeds=(0,))
-    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    text = (docs / "ablations.md").read_text()
+    text = write_report(runs, docs)
     assert ("Learning rate with the best mean validation accuracy so far: mean 0.001 (1 seed), cls 0.004 (1 seed); "
             "the verdict waits for 2 seeds of each.") in text
     assert "mean pooling beats" not in text and "poolings tie" not in text and "class token is better" not in text
@@ -212,10 +208,7 @@ def test_report_names_the_precision_of_a_table_and_flags_a_table_that_mixes_two(
                precision=lambda seed: "32-true")
     fake_sweep(runs, "heads_10ep", [{"model.heads": h} for h in (1, 4)], lambda o: 0.85,
                precision=lambda seed: "bf16-mixed" if seed == 2 else "32-true")
-    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    text = (docs / "ablations.md").read_text()
+    text = write_report(runs, docs)
     assert "6 of 6 jobs completed; 1 min of job time in all, on Test CPU, 1 thread; precision 32-true." in text
     assert ("on Test CPU, 1 thread; **precisions mixed** (32-true: 4 jobs, bf16-mixed: 2 jobs): a difference "
             "between settings may be the precision's") in text
@@ -228,10 +221,7 @@ def test_report_counts_jobs_that_took_the_results_of_the_same_run_elsewhere(tmp_
     for job in ("3_job", "4_job", "5_job"):  # heads=4 is the base setting, run in another sweep
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         (sweep / job / "metrics.json").write_text(json.dumps(metrics | {"reused_from": "elsewhere", "wall_time_s": 600}))
-    result = subprocess.run([sys.executable, "scripts/ablation_report.py", "--multirun", str(runs), "--docs", str(docs)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    text = (docs / "ablations.md").read_text()
+    text = write_report(runs, docs)
     assert ("6 of 6 jobs completed (3 of them the same run as a job of another sweep, whose results they took: "
             "`reused_from` in their metrics.json); 0 min of job time in all") in text
 
