@@ -276,7 +276,9 @@ def sources(datamodule) -> dict[str, FileSamples | TensorSamples]:
 def write_split(samples, output_dir: str, *, seed: int, num_workers: int, chunk_bytes: str | int,
                 storage_options: Mapping[str, Any] | None = None) -> None:
     """One split as a LitData dataset, written by ``num_workers`` processes (LitData's
-    progress bar), in a seeded random order."""
+    progress bar), in a seeded random order that is the same for any number of processes
+    (each process writes one contiguous slice of the order, and the index lists the slices in
+    turn)."""
     import litdata
 
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -284,6 +286,8 @@ def write_split(samples, output_dir: str, *, seed: int, num_workers: int, chunk_
         fn=samples, inputs=order, output_dir=output_dir, chunk_bytes=chunk_bytes, num_workers=num_workers,
         # fork: the workers inherit the samples instead of importing and unpickling them.
         start_method="fork" if os.name == "posix" else None,
+        # Static slices instead of LitData's shared work queue, whose order depends on timing.
+        keep_data_ordered=True,
         storage_options=dict(storage_options or {}),
     )
 
