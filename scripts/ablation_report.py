@@ -203,17 +203,37 @@ LENGTHS = (("_10ep", "10 epochs", "10 epochs"), ("", "1 epoch (early training)",
 RECORDS = ("metrics.json", "config.yaml", ".hydra/overrides.yaml")
 
 
+#: Marks the speed and job time of a setting whose jobs all took another sweep's results (reuse).
+REUSED_MARK = "‡"
+
+
+def timing(g: Group) -> tuple[str, str]:
+    """(images/s, job time) of a setting: means over its completed jobs trained in this sweep. A
+    setting whose jobs all took the results of another sweep's run shows that run's figures,
+    marked with ``REUSED_MARK``: they were measured at another time, beside other work."""
+    jobs = g.jobs[g.jobs["status"].eq("completed")]
+    own = jobs[jobs["reused_from"].isna()] if "reused_from" in jobs else jobs
+    source, mark = (own, "") if len(own) or not len(jobs) else (jobs, f" {REUSED_MARK}")
+    speed, wall = (pd.to_numeric(source.get(k, pd.Series(dtype=float)), errors="coerce").mean()
+                   for k in ("train_images_per_s", "wall_time_s"))
+    return (f"{speed:.0f}{mark}" if pd.notna(speed) else "–"), (f"{wall:.0f}{mark}" if pd.notna(wall) else "–")
+
+
 def table(groups: list[Group], label: Callable[[Group], list[str]], header: list[str]) -> str:
     rows = []
     for g in groups:
-        flops, speed, wall = g.value("flops_per_image"), g.stat("train_images_per_s"), g.stat("wall_time_s")
+        flops = g.value("flops_per_image")
         rows.append(label(g) + [
             f"{g.completed}/{len(g.jobs)}", g.stat("test_acc").pct(), g.stat("best_val_acc").pct(),
-            f"{flops / 1e6:.1f}" if flops else "–", f"{speed.mean:.0f}" if speed.n else "–",
-            f"{wall.mean:.0f}" if wall.n else "–",
+            f"{flops / 1e6:.1f}" if flops else "–", *timing(g),
         ])
     columns = header + ["seeds", "test acc (%)", "best val acc (%)", "MFLOPs/img", "images/s", "job time (s)"]
-    return markdown(pd.DataFrame(rows, columns=columns))
+    text = markdown(pd.DataFrame(rows, columns=columns))
+    if any(REUSED_MARK in cell for row in rows for cell in row[-2:]):
+        text += (f"\n\n{REUSED_MARK} Speed and time of the other sweep's run whose results these jobs took "
+                 "(reuse): measured at another time, beside other work, so not comparable with the rest of the "
+                 "column.")
+    return text
 
 
 def images_seen(g: Group) -> str:

@@ -224,6 +224,11 @@ def test_report_counts_jobs_that_took_the_results_of_the_same_run_elsewhere(tmp_
     text = write_report(runs, docs)
     assert ("6 of 6 jobs completed (3 of them the same run as a job of another sweep, whose results they took: "
             "`reused_from` in their metrics.json); 0 min of job time in all") in text
+    # Their speed and time were measured in the other sweep, under other load: marked, not mixed in.
+    rows = re.sub(r" +", " ", text)
+    assert "| 1 | 96 | 3/3 | 85.10 ± 0.10 | 85.00 ± 0.00 | 0.1 | 100 | 10 |" in rows
+    assert "| 4 | 24 | 3/3 | 85.10 ± 0.10 | 85.00 ± 0.00 | 0.1 | 100 ‡ | 600 ‡ |" in rows
+    assert "‡ Speed and time of the other sweep's run whose results these jobs took" in text
 
 
 def test_verdicts_use_welchs_t_test_over_the_seeds():
