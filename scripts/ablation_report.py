@@ -44,7 +44,7 @@ from vitlab.summarize import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What the tables and verdicts use: mean ± std over the completed jobs of each setting.
-METRICS = ("test_acc", "best_val_acc", "flops_per_image", "params", "train_images_per_s", "wall_time_s")
+METRICS = ("test_acc", "best_val_acc", "flops_per_image", "params")
 
 
 # --------------------------------------------------------------------------- statistics
@@ -207,29 +207,38 @@ RECORDS = ("metrics.json", "config.yaml", ".hydra/overrides.yaml")
 REUSED_MARK = "‡"
 
 
-def timing(g: Group) -> tuple[str, str]:
-    """(images/s, job time) of a setting: means over its completed jobs trained in this sweep. A
-    setting whose jobs all took the results of another sweep's run shows that run's figures,
-    marked with ``REUSED_MARK``: they were measured at another time, beside other work."""
+def reused(runs: pd.DataFrame) -> pd.Series:
+    """Which jobs took the results of the same run in another sweep (``reused_from`` in metrics.json)."""
+    return runs["reused_from"].notna() if "reused_from" in runs else pd.Series(False, index=runs.index)
+
+
+def timing(g: Group) -> tuple[str, str, bool]:
+    """(images/s, job time, borrowed) of a setting: means over its completed jobs trained in this
+    sweep. A setting whose jobs all took the results of another sweep's run shows that run's
+    figures, borrowed and marked with ``REUSED_MARK``: they were measured at another time, beside
+    other work."""
     jobs = g.jobs[g.jobs["status"].eq("completed")]
-    own = jobs[jobs["reused_from"].isna()] if "reused_from" in jobs else jobs
-    source, mark = (own, "") if len(own) or not len(jobs) else (jobs, f" {REUSED_MARK}")
+    own = jobs[~reused(jobs)]
+    borrowed = not len(own) and bool(len(jobs))
+    source, mark = (jobs, f" {REUSED_MARK}") if borrowed else (own, "")
     speed, wall = (pd.to_numeric(source.get(k, pd.Series(dtype=float)), errors="coerce").mean()
                    for k in ("train_images_per_s", "wall_time_s"))
-    return (f"{speed:.0f}{mark}" if pd.notna(speed) else "–"), (f"{wall:.0f}{mark}" if pd.notna(wall) else "–")
+    return (f"{speed:.0f}{mark}" if pd.notna(speed) else "–"), (f"{wall:.0f}{mark}" if pd.notna(wall) else "–"), borrowed
 
 
 def table(groups: list[Group], label: Callable[[Group], list[str]], header: list[str]) -> str:
-    rows = []
+    rows, any_borrowed = [], False
     for g in groups:
         flops = g.value("flops_per_image")
+        speed, wall, borrowed = timing(g)
+        any_borrowed |= borrowed
         rows.append(label(g) + [
             f"{g.completed}/{len(g.jobs)}", g.stat("test_acc").pct(), g.stat("best_val_acc").pct(),
-            f"{flops / 1e6:.1f}" if flops else "–", *timing(g),
+            f"{flops / 1e6:.1f}" if flops else "–", speed, wall,
         ])
     columns = header + ["seeds", "test acc (%)", "best val acc (%)", "MFLOPs/img", "images/s", "job time (s)"]
     text = markdown(pd.DataFrame(rows, columns=columns))
-    if any(REUSED_MARK in cell for row in rows for cell in row[-2:]):
+    if any_borrowed:
         text += (f"\n\n{REUSED_MARK} Speed and time of the other sweep's run whose results these jobs took "
                  "(reuse): measured at another time, beside other work, so not comparable with the rest of the "
                  "column.")
@@ -522,8 +531,8 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     runs["kept"] = runs["dir"]
     runs["dir"] = [multirun / name / d.name if (multirun / name / d.name).is_dir() else d for d in runs["dir"]]
     # A job that took the results of the same run in another sweep (reuse) cost no time here.
-    reused = runs["reused_from"].notna() if "reused_from" in runs else pd.Series(False, index=runs.index)
-    total = pd.to_numeric(runs["wall_time_s"][~reused], errors="coerce").sum()
+    took = reused(runs)
+    total = pd.to_numeric(runs["wall_time_s"][~took], errors="coerce").sum()
     groups = read_sweep(runs, ablation.keys)
     md, figs = ablation.render(groups, lambda base: figures / f"{base}{suffix}.png")
     if any(g.stat("test_acc").n == 1 for g in groups):
@@ -531,8 +540,8 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
                      "verdict: their spread over seeds is not known yet.")
     done, planned = (runs["status"] == "completed").sum(), planned_jobs(kept) or len(runs)
     machines = sorted(set(runs["machine"].dropna())) if "machine" in runs else []
-    shared = (f" ({reused.sum()} of them the same run as a job of another sweep, whose results they took: "
-              "`reused_from` in their metrics.json)" if reused.any() else "")
+    shared = (f" ({took.sum()} of them the same run as a job of another sweep, whose results they took: "
+              "`reused_from` in their metrics.json)" if took.any() else "")
     lines += [f"{done} of {planned} jobs completed{shared}; {total / 60:.0f} min of job time in all"
               + (f", on {' and '.join(machines)}" if machines else "") + precision_note(runs), ""]
     lines += [item for text in md for item in (text, "")]
