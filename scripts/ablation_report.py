@@ -221,9 +221,10 @@ def timing(g: Group) -> tuple[str, str, bool]:
     own = jobs[~reused(jobs)]
     borrowed = not len(own) and bool(len(jobs))
     source, mark = (jobs, f" {REUSED_MARK}") if borrowed else (own, "")
-    speed, wall = (pd.to_numeric(source.get(k, pd.Series(dtype=float)), errors="coerce").mean()
-                   for k in ("train_images_per_s", "wall_time_s"))
-    return (f"{speed:.0f}{mark}" if pd.notna(speed) else "–"), (f"{wall:.0f}{mark}" if pd.notna(wall) else "–"), borrowed
+    means = (pd.to_numeric(source.get(k, pd.Series(dtype=float)), errors="coerce").mean()
+             for k in ("train_images_per_s", "wall_time_s"))
+    speed, wall = (f"{mean:.0f}{mark}" if pd.notna(mean) else "–" for mean in means)
+    return speed, wall, borrowed
 
 
 def table(groups: list[Group], label: Callable[[Group], list[str]], header: list[str]) -> str:
