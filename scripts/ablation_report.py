@@ -81,7 +81,8 @@ def verdict(a: Stat, b: Stat, a_name: str, b_name: str) -> tuple[int, str]:
         p = float(ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False).pvalue)
     else:  # no spread at all: any difference is real
         p = 0.0 if diff else 1.0
-    text = f"{a_name} − {b_name} = {diff:+.2f} ± {se:.2f} points, Welch's t-test p = {p:.2g}"
+    shown = f"{p:.3g}" if f"{p:.2g}" == f"{ALPHA:.2g}" else f"{p:.2g}"  # "0.05" would hide which side of ALPHA
+    text = f"{a_name} − {b_name} = {diff:+.2f} ± {se:.2f} points, Welch's t-test p = {shown}"
     if p < ALPHA:
         return (1 if diff > 0 else -1), text
     return 0, text + f" (p ≥ {ALPHA:g}: no clear difference)"

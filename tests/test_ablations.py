@@ -241,3 +241,6 @@ def test_verdicts_use_welchs_t_test_over_the_seeds():
     assert report.verdict(report.Stat(0.91, 0.01, 3), b, "a", "b")[0] == 1  # 3 points: p = 0.02
     assert report.verdict(b, report.Stat(0.91, 0.01, 3), "b", "a")[0] == -1
     assert report.verdict(report.Stat(0.9, 0.0, 2), report.Stat(0.9, 0.0, 2), "a", "b")[0] == 0
+    # p that two digits would round to 0.05 gets a third, so a verdict never sits beside "p = 0.05"
+    assert report.verdict(report.Stat(0.9027, 0.01, 3), b, "a", "b") == (1, "a − b = +2.27 ± 0.82 points, Welch's t-test p = 0.0498")
+    assert "p = 0.0504 (p ≥ 0.05" in report.verdict(report.Stat(0.9026, 0.01, 3), b, "a", "b")[1]
