@@ -3,6 +3,7 @@
     python scripts/benchmark.py                      # Fashion-MNIST default, whatever device is there
     python scripts/benchmark.py --threads 1          # the same torch threads for every path
     python scripts/benchmark.py --overrides compile.enabled=true
+    python scripts/benchmark.py --no-memory --breakdown   # and where a step's time goes (CPU)
     python scripts/benchmark.py --device cuda --skip seed --overrides trainer=gpu data=synthetic data.image_size=224 model=vit_s
 
 1. seed:    the reference: the seed blog's loop, lucidrains' ``vit_pytorch.SimpleViT`` (explicit
@@ -24,6 +25,11 @@ each path run alone in a fresh process (``--no-memory`` skips that). The device'
 bf16 and fp32 matmul peaks are measured in the same rounds, so ``full/peak`` (achieved training
 FLOP/s over the measured bf16 peak) compares the path with what this device does at that
 moment. The last lines read ``full/peak = <percent>`` and ``full/seed = <ratio>x``.
+
+``--breakdown`` (CPUs) also profiles the bare path's steps with torch's profiler: the share of
+step time in matrix products, the FLOP/s those products reach against the measured peak, and
+the operators that take the rest. The two figures bound ``full/peak``: at most the products'
+own rate, reached only if everything else took no time.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ from vitlab.models import SimpleViT, flops_per_image
 from vitlab.train import compile_network
 
 PATHS = ("seed", "timm", "bare", "full")
+#: The profiler's names of dense matrix products (eager and inductor's extern kernels on CPUs).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+              "mkldnn::_linear_pointwise")
 #: Dense bf16 peak FLOP/s (no sparsity) by a part of the GPU's name, for model-FLOP utilisation;
 #: the first match counts, so longer names come before their prefixes ("L40S" before "L4").
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
@@ -187,6 +196,8 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=PATHS)
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides of the vitlab config")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement (a process per path)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile the bare path: time in matrix products and their FLOP/s, the other top operators (CPU)")
     parser.add_argument("--memory-of", choices=PATHS, help=argparse.SUPPRESS)  # one path alone, for its peak RSS
     args = parser.parse_args()
     started = time.perf_counter()
@@ -259,8 +270,41 @@ def main() -> None:
                 path.gpu_mem = max(path.gpu_mem, torch.cuda.max_memory_allocated(device) / 2**30)
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average at the end: {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores (a busy machine makes the figures noisy: compare ratios)")
+    if args.breakdown:
+        bare = next((p for p in paths if p.name == "bare"), None)
+        if device.type != "cpu" or bare is None:
+            print("\nbreakdown: skipped (it profiles the bare path on a CPU)")
+        else:
+            top = peaks[0] if precision.startswith("bf16") else peaks[-1]
+            breakdown(bare, max(args.steps, 1), top)
     report(paths, loader, peaks, device, precision)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def breakdown(path: Contender, steps: int, peak: Contender) -> None:
+    """Where ``path``'s training steps spend their time on a CPU, by torch profiler's self time
+    per operator on the calling thread (intra-op worker threads run inside those operators, so
+    the shares add up to the step). Matrix-product FLOPs are the training FLOPs of the table
+    (3x forward): the backward of a product costs twice its forward, and the forward count holds
+    products only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            path.step()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        # Inductor's fused kernels run as one call per compiled graph.
+        name = "compiled fused kernels" if event.key.startswith("## Call CompiledFxGraph") else event.key
+        times[name] = times.get(name, 0.0) + event.self_cpu_time_total / 1e6
+    total = sum(times.values())
+    matmul = sum(times.pop(name, 0.0) for name in MATMUL_OPS)
+    rate = 3 * path.flops * path.images * steps / matmul
+    best = statistics.median(peak.rates)
+    others = ", ".join(f"{name} {t / total:.1%}" for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:8])
+    print(f"\nbreakdown of the {path.name} path (torch profiler, {steps} step{'s' if steps > 1 else ''}, {total / steps * 1e3:.1f} ms a step): "
+          f"matrix products {matmul / total:.1%} of the time at {rate / 1e9:.0f} GFLOP/s = {rate / best:.1%} of the "
+          f"measured {peak.name} peak; the rest: {others}")
 
 
 def matmul_peak(dtype: torch.dtype, device, sync) -> Contender:

@@ -132,10 +132,11 @@ def test_padded_evaluation_runs_whole_batches_and_scores_as_before(tmp_path):
 
 def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_dir):
     """scripts/benchmark.py, shrunk to one step per path: every path is timed, the table lists
-    each, and the last line is the machine-readable ``full/seed = <ratio>x``."""
+    each, the breakdown splits the bare step into matrix products and the rest, and the last
+    line is the machine-readable ``full/seed = <ratio>x``."""
     script = REPO / "scripts" / "benchmark.py"
     command = [sys.executable, str(script), "--rounds", "2", "--warmup", "1", "--steps", "1", "--threads", "1",
-               "--no-memory", "--overrides", *TINY[:-1], "data.batch_size=32"]
+               "--no-memory", "--breakdown", "--overrides", *TINY[:-1], "data.batch_size=32"]
     env = {**os.environ, "VITLAB_DATA_DIR": str(data_dir)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,6 +151,14 @@ def test_benchmark_script_runs_all_paths_and_ends_with_the_ratio(tmp_path, data_
     assert re.search(r"full/bare = \d+\.\d\dx \(rounds \d+\.\d\d-\d+\.\d\d\)", result.stdout)
     # Training FLOP/s against the matmul peak measured on this device in the same rounds.
     assert re.search(r"full/peak = \d+\.\d% of the measured matmul (bfloat16|float32) peak", result.stdout)
+    # The profiled step: the products' share and rate, then the other operators by share.
+    found = re.search(r"breakdown of the bare path \(torch profiler, 1 step, [\d.]+ ms a step\): matrix products "
+                      r"([\d.]+)% of the time at \d+ GFLOP/s = [\d.]+% of the measured matmul \w+ peak; the rest: (.+)",
+                      result.stdout)
+    assert found, result.stdout[-3000:]
+    rest = [float(share) for share in re.findall(r" ([\d.]+)%", found[2])]
+    assert 0 < float(found[1]) < 100 and rest == sorted(rest, reverse=True)
+    assert float(found[1]) + sum(rest) <= 100.1
 
 
 def test_model_flop_utilisation_uses_the_peak_of_the_named_gpu():
