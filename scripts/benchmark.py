@@ -197,7 +197,8 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides of the vitlab config")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement (a process per path)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="profile the bare path: time in matrix products and their FLOP/s, the other top operators (CPU)")
+                        help="profile the bare path: time in matrix products and their FLOP/s, the other "
+                             "top operators (CPU)")
     parser.add_argument("--memory-of", choices=PATHS, help=argparse.SUPPRESS)  # one path alone, for its peak RSS
     args = parser.parse_args()
     started = time.perf_counter()
@@ -302,9 +303,10 @@ def breakdown(path: Contender, steps: int, peak: Contender) -> None:
     rate = 3 * path.flops * path.images * steps / matmul
     best = statistics.median(peak.rates)
     others = ", ".join(f"{name} {t / total:.1%}" for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:8])
-    print(f"\nbreakdown of the {path.name} path (torch profiler, {steps} step{'s' if steps > 1 else ''}, {total / steps * 1e3:.1f} ms a step): "
-          f"matrix products {matmul / total:.1%} of the time at {rate / 1e9:.0f} GFLOP/s = {rate / best:.1%} of the "
-          f"measured {peak.name} peak; the rest: {others}")
+    plural = "s" if steps > 1 else ""
+    print(f"\nbreakdown of the {path.name} path (torch profiler, {steps} step{plural}, "
+          f"{total / steps * 1e3:.1f} ms a step): matrix products {matmul / total:.1%} of the time at "
+          f"{rate / 1e9:.0f} GFLOP/s = {rate / best:.1%} of the measured {peak.name} peak; the rest: {others}")
 
 
 def matmul_peak(dtype: torch.dtype, device, sync) -> Contender:
