@@ -275,9 +275,9 @@ def render_patch_size(groups: list[Group], figure: Callable[[str], Path], comput
             outcome = ("**Opposite of the paper**: each larger patch is better than the next smaller one, beyond noise. "
                        + ("At equal training FLOPs a larger patch sees more images for the same compute, and at this "
                           "small budget that wins" if compute else
-                          "A likely reason (not tested here): the paper compares models trained to convergence, and at "
-                          "this short budget fewer, larger tokens learn faster while the extra compute of small "
-                          "patches has not paid yet"))
+                          "A likely reason: the paper compares models trained to convergence, and at a short budget "
+                          "fewer, larger tokens learn faster while the extra compute of small patches has not paid "
+                          "yet; training longer tests it"))
         elif all(s >= 0 for s in better) and any(s == 1 for s in better):
             outcome = "**Reproduced in direction**: accuracy never drops with a smaller patch, though not every step is beyond noise"
         else:
@@ -514,7 +514,9 @@ def precision_note(runs: pd.DataFrame) -> str:
 
 
 def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun: Path, figures: Path,
-            previous: dict[str, list[str]]) -> list[str]:
+            previous: dict[str, list[str]], carried: list[str]) -> list[str]:
+    """The page's section of one sweep, from its kept records; the last generation's text where the
+    records are gone (its heading is then added to ``carried``)."""
     name = f"ablation_{ablation.name}{suffix}"
     args = f" {ablation.long_args}" if suffix else ""
     title = f"## {ablation.title}, {heading}"
@@ -526,6 +528,7 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     if not kept.is_dir() or not job_dirs(kept):
         old = previous.get(title, [])
         if any(line.startswith("| ") for line in old):  # a table: results of a sweep whose records are gone
+            carried.append(title)
             return [title, *old]
         return lines + ["Not run yet.", ""]
     runs = load_runs(kept, [*ablation.keys, "seed"])
@@ -558,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     figures = args.docs / "ablations"
     figures.mkdir(parents=True, exist_ok=True)
     previous = previous_sections(args.docs / "ablations.md")
+    carried: list[str] = []
+    body = [line for ablation in ABLATIONS for suffix, heading, length in LENGTHS
+            for line in section(ablation, suffix, heading, length, args.multirun, figures, previous, carried)]
+    old_rule = (" (sections carried over from an earlier generation, whose records are gone, used the rule of that "
+                "time: beyond twice the standard error)" if carried else "")
     lines = [
         "# Ablations on Fashion-MNIST",
         "",
@@ -567,17 +575,14 @@ def main(argv: list[str] | None = None) -> int:
         "MLP 192, patch 4; the default recipe), trained for 10 epochs and, as early training, for 1, and runs 3 "
         "seeds. Tables give mean ± sample std over "
         "seeds of the test accuracy (best-validation checkpoint) and of the best validation accuracy; a difference "
-        "is called real only when Welch's two-sided t-test over the seeds gives p < 0.05 (sections carried over "
-        "from an earlier generation used the rule of that time: beyond twice the standard error). The records of "
-        "every completed job are "
+        f"is called real only when Welch's two-sided t-test over the seeds gives p < 0.05{old_rule}. The records "
+        "of every completed job are "
         "kept in `docs/ablations/runs/`. Times are per job, two jobs side by side with one thread each, on a "
         f"machine shared with other work (this page last computed on {cpu_name()}): compare them within a table, "
         "not across.",
         "",
+        *body,
     ]
-    for ablation in ABLATIONS:
-        for suffix, heading, length in LENGTHS:
-            lines += section(ablation, suffix, heading, length, args.multirun, figures, previous)
     (args.docs / "ablations.md").write_text("\n".join(lines))
     print(f"wrote {args.docs / 'ablations.md'} and figures in {figures}")
     return 0
