@@ -300,6 +300,10 @@ def breakdown(path: Contender, steps: int, peak: Contender) -> None:
         times[name] = times.get(name, 0.0) + event.self_cpu_time_total / 1e6
     total = sum(times.values())
     matmul = sum(times.pop(name, 0.0) for name in MATMUL_OPS)
+    if not matmul:
+        print(f"\nbreakdown: no matrix products among the profiled operators ({', '.join(sorted(times)[:8])}, ...); "
+              f"MATMUL_OPS in {Path(__file__).name} lists their names")
+        return
     rate = 3 * path.flops * path.images * steps / matmul
     best = statistics.median(peak.rates)
     others = ", ".join(f"{name} {t / total:.1%}" for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:8])
