@@ -276,10 +276,15 @@ def main() -> None:
         if device.type != "cpu" or bare is None:
             print("\nbreakdown: skipped (it profiles the bare path on a CPU)")
         else:
-            top = peaks[0] if precision.startswith("bf16") else peaks[-1]
-            breakdown(bare, max(args.steps, 1), top)
+            breakdown(bare, max(args.steps, 1), run_peak(peaks, precision))
     report(paths, loader, peaks, device, precision)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_peak(peaks: list[Contender], precision: str) -> Contender:
+    """The measured matmul peak that the run's precision can reach: bf16 for a bf16 run, fp32 for a
+    32-bit one (a CPU without bf16 units runs 32-true and measures fp32 only)."""
+    return peaks[0] if precision.startswith("bf16") else peaks[-1]
 
 
 def breakdown(path: Contender, steps: int, peak: Contender) -> None:
@@ -410,9 +415,8 @@ def report(paths: list[Contender], loader: Contender, peaks: list[Contender], de
           f"bare/seed = {ratio('bare', 'seed')}")
     full = next((p for p in paths if p.name == "full"), None)
     if full is not None and full.flops:
-        # Within each round: the path's achieved FLOP/s over the matmul peak measured beside it,
-        # bf16 for a bf16 run, fp32 for a 32-bit one (a CPU without bf16 units runs 32-true).
-        top = peaks[0] if precision.startswith("bf16") else peaks[-1]
+        # Within each round: the path's achieved FLOP/s over the matmul peak measured beside it.
+        top = run_peak(peaks, precision)
         within = [3 * full.flops * rate / best for rate, best in zip(full.rates, top.rates)]
         sheet = f", {3 * full.flops * rows['full'] / peak:.1%} of the data sheet's bf16" if peak else ""
         print(f"full/peak = {statistics.median(within):.1%} of the measured {top.name} peak{sheet}")
