@@ -29,8 +29,10 @@ from vitlab.errors import CheckpointError, UnsafeCheckpointError
 #: Key of the run's own description inside a checkpoint.
 RUN_INFO_KEY = "vitlab"
 #: Model fields that may differ between a checkpoint and the model it is loaded into: how the
-#: network runs (kernel, compilation), how it was initialised, and training-only regularisers.
-FREE_FIELDS = frozenset({"attention", "compile", "head_init", "dropout", "drop_path"})
+#: network runs (kernel, compilation), how it was initialised, training-only regularisers, and
+#: FlexiViT's patch sizes (any patch size can be read from the same weights).
+FREE_FIELDS = frozenset({"attention", "compile", "head_init", "dropout", "drop_path", "patch_dropout",
+                         "flexi_patch_sizes"})
 
 
 def load_checkpoint(path: str | Path, name: str = "ckpt_path") -> dict[str, Any]:
@@ -165,11 +167,13 @@ class RunInfo(L.Callback):
         }
 
 
-def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip: bool | None = None
-                          ) -> tuple[L.LightningModule, dict[str, Any]]:
+def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip: bool | None = None,
+                          test_image_sizes=(), test_patch_sizes=None) -> tuple[L.LightningModule, dict[str, Any]]:
     """The LightningModule a checkpoint was trained as, with its weights, and the run's
     description (``RunInfo``). ``test_hflip`` overrides the run's own test-time flip
-    (``module.test_hflip``); None keeps it."""
+    (``module.test_hflip``); None keeps it. The test also reports the images resized to
+    ``test_image_sizes`` and cut into patches of ``test_patch_sizes`` (None: the FlexiViT patch
+    sizes the model trained at, if any)."""
     from vitlab.config import instantiate_model
     from vitlab.module import ImageClassifier
 
@@ -185,8 +189,11 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
     if test_hflip is None:
         # How the run tested (module.test_hflip) travels in Lightning's saved hyperparameters.
         test_hflip = (checkpoint.get("hyper_parameters") or {}).get("test_hflip", False)
+    if test_patch_sizes is None:
+        test_patch_sizes = model_cfg.get("flexi_patch_sizes") or ()
     module = ImageClassifier(net=net, num_classes=int(model_cfg["num_classes"]), optimizer=None,
-                             test_hflip=bool(test_hflip))
+                             test_hflip=bool(test_hflip), test_image_sizes=test_image_sizes or (),
+                             test_patch_sizes=test_patch_sizes)
     check_compatible(checkpoint, path, model_cfg, module, name)
     module.load_state_dict(checkpoint["state_dict"])
     return module, info

@@ -118,7 +118,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed)
-    module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"))
+    patch_sizes = cfg.get("patch_sizes")
+    module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"),
+                                         test_image_sizes=list(cfg.get("image_sizes") or ()),
+                                         test_patch_sizes=list(patch_sizes) if patch_sizes is not None else None)
     data = data_config(cfg, info)
     datamodule = hydra.utils.instantiate(data)
     check_shapes(datamodule, info["model"])
@@ -140,7 +143,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics["per_class_accuracy"] = {c: float(a) if n else None for c, a, n in rows}
         write_json(out / METRICS_FILE, metrics)
         tracking.eval_ended(info.get("tracking"), out)
-        log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f} on {metrics['test_split_size']} images; "
+        variants = "".join(f", {key} {value:.4f}" for key, value in metrics.items() if key.startswith("test/acc@"))
+        log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f}{variants} on {metrics['test_split_size']} images; "
                  f"metrics.json, confusion_matrix.csv/.png and per_class_accuracy.csv in {out}")
     return metrics
 

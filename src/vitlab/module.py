@@ -7,13 +7,21 @@ optimiser or scheduler.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+
+
+def flexi_patch_size(sizes: Sequence[int], seed: int, step: int) -> int:
+    """FlexiViT's patch size for a training step: drawn uniformly from ``sizes`` by a generator
+    seeded with (seed, step), as big_vision's flexi trainer does, so a resumed run draws what an
+    uninterrupted one would, on every process of a DDP run alike."""
+    return int(sizes[np.random.default_rng([seed, step]).integers(len(sizes))])
 
 
 class ImageClassifier(L.LightningModule):
@@ -26,11 +34,15 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         test_hflip: bool = False,
         pad_eval_batches: bool = False,
+        seed: int = 0,
+        test_image_sizes: Sequence[int] = (),
+        test_patch_sizes: Sequence[int] | None = (),
     ):
         super().__init__()
         # The network's own config is saved by the run (config.yaml); keep the checkpoint's
         # hyperparameters to plain values.
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "pad_eval_batches"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "pad_eval_batches", "test_image_sizes",
+                                          "test_patch_sizes"])
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -43,8 +55,19 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        #: FlexiViT: a network with ``flexi_patch_sizes`` trains each step at one of them.
+        self.seed = seed
+        # The test split again, in the same pass, at other image sizes (bilinear resize of the
+        # normalised images: test/acc@40px) and patch sizes (FlexiViT: test/acc@p7).
+        self.test_variants = {f"{size}px": {"image_size": int(size)} for size in test_image_sizes or ()}
+        self.test_variants.update({f"p{size}": {"patch_size": int(size)} for size in test_patch_sizes or ()})
+        self.variant_acc = nn.ModuleDict({name: MulticlassAccuracy(num_classes=num_classes, average="micro")
+                                          for name in self.test_variants})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        sizes = getattr(self.net, "flexi_patch_sizes", None)
+        if self.training and sizes:
+            return self.net(images, patch_size=flexi_patch_size(sizes, self.seed, self.global_step))
         if self.training or not self.pad_eval_batches:
             return self.net(images)
         n = len(images)
@@ -65,6 +88,14 @@ class ImageClassifier(L.LightningModule):
         probs = self(images).float().softmax(-1) + self(images.flip(-1)).float().softmax(-1)
         return (probs / 2).log()
 
+    def variant_logits(self, images: torch.Tensor, image_size: int | None = None,
+                       patch_size: int | None = None) -> torch.Tensor:
+        """Logits of the test images resized to ``image_size`` or cut into patches of ``patch_size``."""
+        if image_size and image_size != images.shape[-1]:
+            images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                                   antialias=image_size < images.shape[-1])
+        return self.net(images, patch_size=patch_size) if patch_size else self.net(images)
+
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss and the logits that were scored."""
         images, targets = batch
@@ -82,6 +113,10 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels),
                  sync_dist=not train)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        if stage == "test":
+            for name, variant in self.test_variants.items():
+                self.variant_acc[name](self.variant_logits(images, **variant), labels)
+                self.log(f"test/acc@{name}", self.variant_acc[name], on_step=False, on_epoch=True)
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

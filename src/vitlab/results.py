@@ -137,12 +137,28 @@ INCIDENTAL = {
 }
 
 
+#: Fields added since runs were first recorded, at the value that keeps what runs did before: a
+#: config with them at that value is the same experiment as one recorded without them.
+NEUTRAL = {
+    "model": {"reg_tokens": 0, "qk_norm": False, "layer_scale": None, "mlp": "gelu", "patch_dropout": 0.0,
+              "patch_norm": True, "flexi_patch_sizes": None},
+    "module": {"test_image_sizes": [], "test_patch_sizes": None},
+}
+
+
 def deciding_config(config: dict) -> dict:
-    """A resolved config (a plain dict) less its ``INCIDENTAL`` fields and the callbacks' folders."""
+    """A resolved config (a plain dict) less its ``INCIDENTAL`` fields, the callbacks' folders,
+    and the ``NEUTRAL`` fields at their neutral value."""
     def plain(node):
         return {k: plain(v) for k, v in node.items() if k != "_convert_"} if isinstance(node, dict) else node
 
     config = {k: v for k, v in plain(config).items() if k not in INCIDENTAL[""]}
+    for section, fields in NEUTRAL.items():
+        if isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items()
+                               if not (k in fields and (v == fields[k] or v in ([], None) and fields[k] in ([], None)))}
+    if isinstance(config.get("module"), dict) and config["module"].get("seed") == config.get("seed"):
+        config["module"] = {k: v for k, v in config["module"].items() if k != "seed"}
     for section in ("data", "trainer"):
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k not in INCIDENTAL[section]}

@@ -18,7 +18,7 @@ def flops_per_image(model: nn.Module, image_size: int, channels: int) -> int:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         model.forward(torch.zeros(1, channels, image_size, image_size, device=device))
     model.train(was_training)
     return int(counter.get_total_flops())

@@ -1,9 +1,26 @@
 """SimpleViT: the plain ViT of Beyer, Zhai & Kolesnikov (2022), "Better plain ViT baselines
-for ImageNet-1k".
+for ImageNet-1k", and the design choices of the ViT papers since, each a switch that is off by
+default (the default model is vit-pytorch's ``simple_vit.py``, key for key and logit for logit).
 
 Patchify -> LayerNorm-Linear-LayerNorm embedding -> fixed 2-D sincos position embedding ->
 pre-norm Transformer blocks -> final LayerNorm -> mean pooling -> linear head.
-Regularisers for longer or larger runs, all off by default: dropout on each residual branch,
+
+The switches, each a part built in ``__init__`` (none of them adds a checkpoint key when off):
+
+- ``reg_tokens``: learned register tokens appended to the sequence, dropped before pooling
+  (Darcet et al. 2024, *Vision Transformers Need Registers*);
+- ``qk_norm``: LayerNorm of each head's queries and keys (Dehghani et al. 2023, ViT-22B);
+- ``layer_scale``: a learned per-channel gain on each residual branch, starting at this value
+  (Touvron et al. 2021, CaiT);
+- ``pos_emb=rope2d_axial | rope2d_mixed`` (alone, or ``sincos2d+rope2d_axial``): 2-D rotary
+  position embedding (Heo et al. 2024);
+- ``mlp=swiglu``: the SwiGLU MLP at two thirds of ``mlp_dim`` (Shazeer 2020);
+- ``patch_dropout``: in training, each image keeps a random share of its patches (Liu et al. 2023);
+- ``pool=map``: multi-head attention pooling (Zhai et al. 2022);
+- ``flexi_patch_sizes`` (with ``patch_norm=false``): FlexiViT (Beyer et al. 2023); the forward
+  takes ``patch_size`` and PI-resizes the patch embedding to it.
+
+Regularisers for longer or larger runs, also off by default: dropout on each residual branch,
 stochastic depth (drop path), and a zero-initialised head.
 
 Plain PyTorch on purpose: no Lightning, no Hydra. The constructor's keyword arguments are the
@@ -12,137 +29,32 @@ fields of the ``model`` config group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-import torch.nn.functional as F
-from einops import rearrange
-from einops.layers.torch import Rearrange
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-POOLS = ("mean", "cls")
-POS_EMBS = ("sincos2d", "learned", "none")
-ATTENTIONS = ("math", "sdpa", "auto")
+from vitlab.models.attention import ATTENTIONS, CPU_CHUNK_BYTES, Attention, chunked_attention, explicit_attention
+from vitlab.models.parts import MLPS, MAPPool, PatchDropout
+from vitlab.models.patch_embed import PatchEmbedding
+from vitlab.models.position import ABSOLUTE, ROTARY, Rope2d, absolute_position, parse_pos_emb, posemb_sincos_2d
+
+POOLS = ("mean", "cls", "map")
+POS_EMBS = ABSOLUTE + ROTARY
 HEAD_INITS = ("xavier", "zero")
-
-
-def _dropout(p: float) -> nn.Module:
-    # Identity at 0 keeps the default model's forward exactly as without dropout.
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
-def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding, shape (h * w, dim).
-
-    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y), with frequencies
-    spaced geometrically from 1 to 1/temperature (Beyer et al. 2022, Sec. 2).
-    """
-    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    quarter = dim // 4
-    omega = torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1)
-    omega = 1.0 / temperature**omega
-    y = y.flatten()[:, None] * omega[None, :]
-    x = x.flatten()[:, None] * omega[None, :]
-    return torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).float()
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.LayerNorm(dim),
-            nn.Linear(dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, dim),
-        )
-        # Outside `net`, which keeps its parameter names (those of vit_pytorch's SimpleViT).
-        self.dropout = _dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.net(x))
-
-
-#: On a CPU, ``attention="auto"`` runs the explicit attention on as many images at a time as keep
-#: one slice's scores (heads x n x n) within this many bytes. Whole-batch scores at 196 tokens
-#: (patch 2 on 28 px: 128 x 4 x 196 x 196 floats, 79 MB, six such tensors per block and step)
-#: neither stay in cache nor get reused by the allocator (glibc serves blocks above 32 MiB by
-#: fresh mmaps: ~2 GB of page faults a step), so a training step ran 8-10x slower than at 49
-#: tokens for 5x the FLOPs. In slices of 8 MiB (scripts/bench_attention.py, 2 cores, 1 MiB L2
-#: each, 32 MiB L3) it ran 1.8-1.9x faster in fp32, 1.2-1.4x in bf16; 2-16 MiB measured alike. The
-#: default patch 4 (49 tokens, 4.9 MB at batch 128) stays one slice, the reference unchanged.
-CPU_CHUNK_BYTES = 8 * 2**20
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The reference: softmax(q k^T * scale) v with every score materialised; (..., n, d) in and out."""
-    return (q @ k.transpose(-1, -2) * scale).softmax(dim=-1) @ v
-
-
-def chunked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_bytes: int | None = None
-) -> torch.Tensor:
-    """``explicit_attention`` on near-equal slices of the batch (dim 0), each slice's scores
-    within ``max_bytes`` (default ``CPU_CHUNK_BYTES``; at least one image a slice): the same
-    operations on each image, so the same function; one slice (no split) where the batch fits."""
-    batch, heads, n = q.shape[0], q.shape[1], q.shape[-2]
-    per_slice = max(1, (max_bytes or CPU_CHUNK_BYTES) // (heads * n * n * q.element_size()))
-    if per_slice >= batch:
-        return explicit_attention(q, k, v, scale)
-    size = -(-batch // -(-batch // per_slice))  # as many slices as needed, sizes evened out
-    return torch.cat([explicit_attention(*qkv, scale) for qkv in zip(q.split(size), k.split(size), v.split(size))])
-
-
-class Attention(nn.Module):
-    """Pre-norm multi-head self-attention without qkv bias; inner width is heads * dim_head.
-
-    ``attention="math"`` is the explicit softmax(q k^T / sqrt(d)) v reference
-    (``explicit_attention``, the whole batch at once); ``"sdpa"`` calls
-    ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels where the device has
-    them). ``"auto"`` picks per device at forward time: SDPA on GPUs; on CPUs the explicit
-    attention in batch slices (``chunked_attention``, see ``CPU_CHUNK_BYTES``): as fast as the
-    whole-batch reference at 49 tokens, where SDPA's CPU kernel was 0.9x in fp32 and 0.4x in
-    bf16, and 1.8-1.9x (fp32) or 1.2-1.4x (bf16) faster at 196, where SDPA was 1.8-2.1x and
-    0.7-0.8x. All three compute the same function.
-    """
-
-    def __init__(self, dim: int, heads: int, dim_head: int, attention: str = "auto", dropout: float = 0.0):
-        super().__init__()
-        inner_dim = heads * dim_head
-        self.heads = heads
-        self.scale = dim_head**-0.5
-        self.attention = attention
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
-        self.to_out = nn.Linear(inner_dim, dim, bias=False)
-        self.dropout = _dropout(dropout)
-
-    def use_sdpa(self, x: torch.Tensor) -> bool:
-        if self.attention == "auto":
-            return x.device.type != "cpu"
-        return self.attention == "sdpa"
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The attention itself, (batch, heads, n, dim_head) in and out, by ``self.attention``."""
-        if self.use_sdpa(q):
-            return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        if self.attention == "auto":  # on a CPU
-            return chunked_attention(q, k, v, self.scale)
-        return explicit_attention(q, k, v, self.scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = self.attend(q, k, v)
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
 
 
 class Transformer(nn.Module):
     def __init__(
         self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, attention: str,
-        dropout: float = 0.0, drop_path: float = 0.0,
+        dropout: float = 0.0, drop_path: float = 0.0, qk_norm: bool = False, layer_scale: float | None = None,
+        mlp: str = "gelu",
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([Attention(dim, heads, dim_head, attention, dropout), FeedForward(dim, mlp_dim, dropout)])
+            nn.ModuleList([Attention(dim, heads, dim_head, attention, dropout, qk_norm, layer_scale),
+                           MLPS[mlp](dim, mlp_dim, dropout, layer_scale)])
             for _ in range(depth)
         )
         # Stochastic depth (Huang et al. 2016) per sample, its rate rising linearly from 0 at the
@@ -152,9 +64,9 @@ class Transformer(nn.Module):
         self.drop_paths = nn.ModuleList(StochasticDepth(rate, mode="row") for rate in rates)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for (attn, ff), drop_path in zip(self.layers, self.drop_paths):
-            x = drop_path(attn(x)) + x
+    def forward(self, x: torch.Tensor, rope: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        for i, ((attn, ff), drop_path) in enumerate(zip(self.layers, self.drop_paths)):
+            x = drop_path(attn(x, rope[i] if rope is not None else None)) + x
             x = drop_path(ff(x)) + x
         return self.norm(x)
 
@@ -178,43 +90,50 @@ class SimpleViT(nn.Module):
         head_init: str = "xavier",
         dropout: float = 0.0,
         drop_path: float = 0.0,
+        reg_tokens: int = 0,
+        qk_norm: bool = False,
+        layer_scale: float | None = None,
+        mlp: str = "gelu",
+        patch_dropout: float = 0.0,
+        patch_norm: bool = True,
+        flexi_patch_sizes: Sequence[int] | None = None,
     ):
         super().__init__()
-        _validate(
-            image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
-            depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels, dim_head=dim_head,
-            pool=pool, pos_emb=pos_emb, attention=attention, head_init=head_init,
-            dropout=dropout, drop_path=drop_path,
-        )
+        cfg = {key: value for key, value in locals().items() if key not in ("self", "__class__")}
+        _validate(**cfg)
         grid = image_size // patch_size
-        patch_dim = channels * patch_size * patch_size
+        absolute, rotary = parse_pos_emb(pos_emb)
+        self.patch_size = patch_size
         self.pool = pool
-        self.pos_emb_kind = pos_emb
+        self.pos_emb_kind = absolute
         self.head_init = head_init
         self.num_patches = grid * grid
+        self.grid = grid
+        #: FlexiViT: the patch sizes a training step draws from (``vitlab.module``), or None.
+        self.flexi_patch_sizes = tuple(flexi_patch_sizes) if flexi_patch_sizes else None
 
-        self.to_patch_embedding = nn.Sequential(
-            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
-            nn.LayerNorm(patch_dim),
-            nn.Linear(patch_dim, dim),
-            nn.LayerNorm(dim),
-        )
-        if pos_emb == "sincos2d":
+        self.to_patch_embedding = PatchEmbedding(patch_size, channels, dim, patch_norm, self.flexi_patch_sizes or ())
+        if absolute == "sincos2d":
             # Fixed, so a buffer built once; non-persistent keeps it out of checkpoints.
             self.register_buffer("pos_embedding", posemb_sincos_2d(grid, grid, dim), persistent=False)
-        elif pos_emb == "learned":
+        elif absolute == "learned":
             self.pos_embedding = nn.Parameter(torch.randn(grid * grid, dim) * 0.02)
         else:
             self.pos_embedding = None
+        self.rope = Rope2d(rotary, dim_head, heads, depth) if rotary else None
+        self.patch_dropout = PatchDropout(patch_dropout) if patch_dropout > 0 else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.register_tokens = nn.Parameter(torch.zeros(reg_tokens, dim)) if reg_tokens else None
 
-        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, attention, dropout, drop_path)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, attention, dropout, drop_path,
+                                       qk_norm, layer_scale, mlp)
+        self.map_pool = MAPPool(dim, heads, mlp_dim) if pool == "map" else None
         self.linear_head = nn.Linear(dim, num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Deliberate initialisation as in big_vision's ViT: Xavier-uniform linear weights,
-        # zero biases, LayerNorm at identity; class token small normal.
+        # zero biases, LayerNorm at identity; class token and registers small normal.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -223,8 +142,9 @@ class SimpleViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=0.02)
+        for token in (self.cls_token, self.register_tokens):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
         if self.head_init == "zero":
             # Beyer et al. 2022 (big_vision's head_zeroinit): every class starts at logit 0, so
             # the initial loss is exactly log(num_classes).
@@ -232,17 +152,37 @@ class SimpleViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that are embeddings (besides norms and biases, found by shape)."""
-        return {name for name in ("pos_embedding", "cls_token") if isinstance(getattr(self, name), nn.Parameter)}
+        names = {"pos_embedding", "cls_token", "register_tokens", "rope.freqs", "map_pool.latent"}
+        return {name for name, _ in self.named_parameters() if name in names}
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        x = self.to_patch_embedding(img)
-        if self.pos_embedding is not None:
-            x = x + self.pos_embedding.to(x.dtype)
+    def forward(self, img: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """Logits of (batch, channels, H, W) images whose sides the patch size divides: the
+        model's own size, or (FlexiViT, and images of another size) any other."""
+        size = patch_size or self.patch_size
+        h, w = img.shape[-2] // size, img.shape[-1] // size
+        step = size / self.patch_size  # where the patches lie, in the model's own patches
+        x = self.to_patch_embedding(img, size)
+        pos = absolute_position(self.pos_emb_kind, self.pos_embedding, self.grid, h, w, step)
+        if pos is not None:
+            x = x + pos.to(x.dtype)
+        keep = None
+        if self.patch_dropout is not None:
+            x, keep = self.patch_dropout(x)
+        prefix, suffix = int(self.cls_token is not None), len(self.register_tokens) if self.register_tokens is not None else 0
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        x = self.transformer(x)
-        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)
-        return self.linear_head(x)
+        if self.register_tokens is not None:
+            x = torch.cat((x, self.register_tokens.expand(x.shape[0], -1, -1).to(x.dtype)), dim=1)
+        rope = self.rope(h, w, step, keep, prefix, suffix) if self.rope is not None else None
+        x = self.transformer(x, rope)
+        return self.linear_head(self.pooled(x, prefix, suffix))
+
+    def pooled(self, x: torch.Tensor, prefix: int, suffix: int) -> torch.Tensor:
+        """(batch, dim) from the encoded sequence [class token, patches, registers]."""
+        if self.pool == "cls":
+            return x[:, 0]
+        patches = x[:, prefix: x.shape[1] - suffix] if suffix else x
+        return self.map_pool(patches) if self.map_pool is not None else patches.mean(dim=1)
 
 
 def _validate(**cfg) -> None:
@@ -252,28 +192,64 @@ def _validate(**cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a positive integer.")
     image_size, patch_size = cfg["image_size"], cfg["patch_size"]
+    divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
     if image_size % patch_size:
-        divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
         raise ValueError(
             f"patch_size={patch_size} does not divide image_size={image_size}: "
             f"choose a patch size from {divisors}, or images whose side is a multiple of {patch_size}."
         )
-    if cfg["pos_emb"] == "sincos2d" and cfg["dim"] % 4:
+    for name, allowed in (("pool", POOLS), ("attention", ATTENTIONS), ("head_init", HEAD_INITS),
+                          ("mlp", tuple(MLPS))):
+        if cfg[name] not in allowed:
+            raise ValueError(f"{name}={cfg[name]!r} is not one of {', '.join(allowed)}.")
+    absolute, rotary = parse_pos_emb(cfg["pos_emb"])
+    if absolute == "sincos2d" and cfg["dim"] % 4:
         lower = cfg["dim"] - cfg["dim"] % 4
         raise ValueError(
             f"dim={cfg['dim']} is not a multiple of 4, which the 2-D sincos position "
             f"embedding needs: use dim={lower or 4} or {lower + 4}, or pos_emb=learned."
         )
-    for name, allowed in (("pool", POOLS), ("pos_emb", POS_EMBS), ("attention", ATTENTIONS), ("head_init", HEAD_INITS)):
-        if cfg[name] not in allowed:
-            raise ValueError(f"{name}={cfg[name]!r} is not one of {', '.join(allowed)}.")
-    for name in ("dropout", "drop_path"):
+    if rotary and cfg["dim_head"] % 4:
+        lower = cfg["dim_head"] - cfg["dim_head"] % 4
+        raise ValueError(
+            f"pos_emb={cfg['pos_emb']} rotates pairs of channels by row and by column, so dim_head must be a "
+            f"multiple of 4, not {cfg['dim_head']}: use dim_head={lower or 4} or {lower + 4}."
+        )
+    if cfg["pool"] == "map" and cfg["dim"] % cfg["heads"]:
+        raise ValueError(f"pool=map splits dim={cfg['dim']} over heads={cfg['heads']}, which does not divide it: "
+                         f"choose heads from {[d for d in range(1, cfg['dim'] + 1) if cfg['dim'] % d == 0]}.")
+    for name in ("dropout", "drop_path", "patch_dropout"):
         value = cfg[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(
                 f"{name}={value!r} is not a probability in [0, 1): use 0 to turn it off, "
-                f"or a rate such as 0.1."
+                f"or a rate such as {0.5 if name == 'patch_dropout' else 0.1}."
             )
+    reg = cfg["reg_tokens"]
+    if isinstance(reg, bool) or not isinstance(reg, int) or reg < 0:
+        raise ValueError(f"reg_tokens={reg!r} must be a whole number of register tokens: 0 (off), or e.g. 4.")
+    for name in ("qk_norm", "patch_norm"):
+        if not isinstance(cfg[name], bool):
+            raise ValueError(f"{name}={cfg[name]!r} must be true or false.")
+    scale = cfg["layer_scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        raise ValueError(f"layer_scale={scale!r} must be null (off) or the gains' positive initial value, e.g. 1e-5 "
+                         f"(CaiT) or 0.1.")
+    sizes = cfg["flexi_patch_sizes"]
+    if sizes is None:
+        return
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ValueError(f"flexi_patch_sizes={sizes!r} must be null (off) or a list of patch sizes, e.g. "
+                         f"[{', '.join(str(d) for d in divisors if 1 < d < image_size)}].")
+    bad = [s for s in sizes if image_size % s]
+    if bad:
+        raise ValueError(f"flexi_patch_sizes={list(sizes)}: {bad} do not divide image_size={image_size}: "
+                         f"choose patch sizes from {divisors}.")
+    if cfg["patch_norm"]:
+        raise ValueError(f"flexi_patch_sizes={list(sizes)} needs patch_norm=false: PI-resize is defined for the "
+                         f"patch embedding's kernel, not for a LayerNorm over each patch's pixels (big_vision's "
+                         f"stem has none).")
 
 
-__all__ = ["SimpleViT", "chunked_attention", "explicit_attention", "posemb_sincos_2d"]
+__all__ = ["SimpleViT", "CPU_CHUNK_BYTES", "chunked_attention", "explicit_attention", "posemb_sincos_2d"]

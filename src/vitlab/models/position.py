@@ -1,0 +1,126 @@
+"""Where a patch is: absolute position embeddings added to the patch tokens (fixed 2-D sincos,
+learned, or none) and 2-D rotary embeddings applied to queries and keys (Heo et al. 2024).
+
+Positions are counted in patches of the model's own patch size: a grid of another size (larger
+images, or FlexiViT's other patch sizes) puts patch (i, j) of patch size p at (i, j) * p /
+patch_size. The fixed embeddings are evaluated there; a learned table is resampled bilinearly
+over the image (as big_vision's FlexiViT and the ViT paper's fine-tuning at a new resolution do).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import apply_keep_indices_nlc, freq_bands, get_mixed_freqs, init_random_2d_freqs
+from torch import nn
+
+ABSOLUTE = ("sincos2d", "learned", "none")
+ROTARY = ("rope2d_axial", "rope2d_mixed")
+#: Base frequencies of the rotary embeddings, as the RoPE-ViT paper's models use them: 100 for
+#: the fixed axial frequencies, 10 for the initial magnitudes of the learned mixed ones.
+ROPE_THETA = {"rope2d_axial": 100.0, "rope2d_mixed": 10.0}
+
+
+def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, step: float = 1.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, shape (h * w, dim).
+
+    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y), with frequencies
+    spaced geometrically from 1 to 1/temperature (Beyer et al. 2022, Sec. 2). ``step``: the
+    distance between neighbouring patches, in the model's patches.
+    """
+    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    if step != 1:
+        y, x = y * step, x * step
+    quarter = dim // 4
+    omega = torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1)
+    omega = 1.0 / temperature**omega
+    y = y.flatten()[:, None] * omega[None, :]
+    x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).float()
+
+
+def parse_pos_emb(value: str) -> tuple[str, str | None]:
+    """``"sincos2d+rope2d_axial"`` -> ("sincos2d", "rope2d_axial"); a rotary kind alone has no
+    absolute part (``"rope2d_mixed"`` -> ("none", "rope2d_mixed"))."""
+    parts = str(value).split("+")
+    absolute = [p for p in parts if p in ABSOLUTE]
+    rotary = [p for p in parts if p in ROTARY]
+    if len(absolute) + len(rotary) != len(parts) or len(absolute) > 1 or len(rotary) > 1:
+        raise ValueError(
+            f"pos_emb={value!r} is not one of {', '.join(ABSOLUTE + ROTARY)}, nor one absolute and one rotary kind "
+            f"joined by '+' (e.g. sincos2d+rope2d_axial)."
+        )
+    return (absolute[0] if absolute else "none"), (rotary[0] if rotary else None)
+
+
+def absolute_position(kind: str, table: torch.Tensor | None, grid: int, h: int, w: int,
+                      step: float = 1.0) -> torch.Tensor | None:
+    """The embedding added to the patch tokens of a grid of (h, w) patches spaced ``step`` model
+    patches apart, from the model's ``table`` for its own (grid x grid) patches: that table itself
+    on its own grid, the sincos embedding evaluated at the new positions, or the learned table
+    resampled bilinearly (big_vision's FlexiViT: ``jax.image.resize(..., "linear")``)."""
+    if table is None or (h == w == grid and step == 1):
+        return table
+    if kind == "sincos2d":
+        return posemb_sincos_2d(h, w, table.shape[-1], step=step).to(table.device)
+    return resample_abs_pos_embed(table[None], new_size=[h, w], old_size=[grid, grid], num_prefix_tokens=0,
+                                  interpolation="bilinear", antialias=False)[0]
+
+
+class Rope2d(nn.Module):
+    """2-D rotary position embedding of Heo et al. (2024), the sin/cos table for every block.
+
+    Each pair of a head's channels is rotated by the angle t_x f_x + t_y f_y of the token's
+    position (t_x, t_y), so the score of two tokens depends on their offset only:
+
+    - ``rope2d_axial`` (RoPE-Axial): fixed frequencies, half of the pairs turning with the row
+      and half with the column at 100^(-k / (dim_head / 4)); the same table as timm's
+      ``RotaryEmbeddingCat(dim_head, in_pixels=False, temperature=100)`` on a patch-index grid.
+    - ``rope2d_mixed`` (RoPE-Mixed): learned frequencies (f_x, f_y) per block, head and pair,
+      initialised as the paper and timm's ``RotaryEmbeddingMixed`` do (magnitudes
+      10^(-4k / dim_head) in a random direction per head and block); the table is timm's
+      ``get_mixed_freqs`` of them.
+
+    Both are computed by ``get_mixed_freqs`` (axial = mixed frequencies fixed on the axes), in
+    fp32. Tokens without a position (class token, registers) get the identity rotation.
+    """
+
+    def __init__(self, kind: str, dim_head: int, heads: int, depth: int):
+        super().__init__()
+        self.kind, self.depth = kind, depth
+        if kind == "rope2d_axial":
+            bands = freq_bands(dim_head // 4, temperature=ROPE_THETA[kind], step=1)
+            zeros = torch.zeros_like(bands)
+            # (f_x, f_y) over the dim_head / 2 pairs: rows first, then columns (timm's order).
+            freqs = torch.stack([torch.cat([zeros, bands]), torch.cat([bands, zeros])])
+            self.register_buffer("freqs", freqs[:, None, None], persistent=False)  # (2, 1, 1, dim_head / 2)
+        else:
+            self.freqs = nn.Parameter(init_random_2d_freqs(dim_head, depth, heads, temperature=ROPE_THETA[kind]))
+
+    def table(self, h: int, w: int, step: float = 1.0) -> torch.Tensor:
+        """(blocks or 1, heads or 1, h * w, 2 * dim_head): sin then cos of each pair's angle, for
+        patches in row-major order."""
+        device = self.freqs.device
+        t_y = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
+        t_x = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+        if step != 1:
+            t_y, t_x = t_y * step, t_x * step
+        return get_mixed_freqs(self.freqs, t_x, t_y, dtype=torch.float32)
+
+    def forward(self, h: int, w: int, step: float = 1.0, keep: torch.Tensor | None = None, prefix: int = 0,
+                suffix: int = 0) -> list[torch.Tensor]:
+        """One table per block for the sequence [prefix tokens, patches (those in ``keep`` of each
+        image, if given), suffix tokens], each broadcastable to (batch, heads, n, 2 * dim_head)."""
+        table = self.table(h, w, step)
+        if keep is not None:
+            table = apply_keep_indices_nlc(keep, table, keep)  # (batch, blocks, heads, kept, 2 * dim_head)
+        if prefix or suffix:
+            half = table.shape[-1] // 2
+            identity = torch.cat([table.new_zeros(half), table.new_ones(half)])  # sin 0, cos 1
+            pad = [identity.expand(*table.shape[:-2], n, 2 * half) for n in (prefix, suffix)]
+            table = torch.cat([pad[0], table, pad[1]], dim=-2)
+        per_block = (lambda i: table[:, i]) if keep is not None else (lambda i: table[i])
+        return [per_block(i if table.shape[-4] > 1 else 0) for i in range(self.depth)]
+
+
+__all__ = ["ABSOLUTE", "ROTARY", "absolute_position", "Rope2d", "parse_pos_emb", "posemb_sincos_2d"]
