@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from scipy.stats import ttest_ind_from_stats
 
 from vitlab.budget import cpu_name
-from vitlab.models.simple_vit import posemb_sincos_2d
+from vitlab.models.position import posemb_sincos_2d
 from vitlab.results import group_stats, job_dirs, load_runs
 from vitlab.rundir import read_metrics
 from vitlab.summarize import markdown

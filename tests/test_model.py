@@ -118,7 +118,7 @@ def test_chunked_attention_equals_explicit_in_values_and_gradients(batch, max_by
     above the budget, at least one image) compute the
     reference's function: the same outputs and q, k, v gradients as the whole-batch explicit
     attention and as SDPA, to fp32 rounding."""
-    from vitlab.models import simple_vit
+    from vitlab.models import attention as simple_vit
 
     calls = []
     reference = simple_vit.explicit_attention
@@ -146,7 +146,7 @@ def test_chunked_attention_equals_explicit_in_values_and_gradients(batch, max_by
 def test_default_chunk_keeps_49_tokens_whole_and_slices_196():
     """At the default model (heads 4) and batch 128: 49 tokens in one piece, as measured fastest;
     196 tokens in slices whose fp32 scores stay within CPU_CHUNK_BYTES."""
-    from vitlab.models.simple_vit import CPU_CHUNK_BYTES
+    from vitlab.models.attention import CPU_CHUNK_BYTES
 
     assert 128 * 4 * 49 * 49 * 4 <= CPU_CHUNK_BYTES < 128 * 4 * 196 * 196 * 4
 
@@ -155,7 +155,7 @@ def test_default_chunk_keeps_49_tokens_whole_and_slices_196():
 def test_auto_attention_on_cpu_slices_the_batch_and_agrees_with_math_and_sdpa(pool, monkeypatch):
     """The model's CPU default (auto: explicit attention in batch slices) against the
     whole-batch reference and SDPA: the same logits and parameter gradients in fp32."""
-    from vitlab.models import simple_vit
+    from vitlab.models import attention as simple_vit
 
     # 16 patches (+ a class token), 2 heads, 5 images, a budget of 2 images' scores: slices of 2, 2, 1.
     tokens = 16 + (pool == "cls")
