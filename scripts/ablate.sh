@@ -18,7 +18,7 @@
 # new checkout copies them back and skips those jobs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ABLATIONS=(patch_size patch_size_compute pos_emb pool depth_width heads)
+ABLATIONS=(patch_size patch_size_compute pos_emb pool depth_width heads registers qk_norm layer_scale rope mlp patch_dropout map_pool patch_norm flexivit)
 if [[ $# -lt 1 ]]; then
   echo "usage: scripts/ablate.sh <name|all> [overrides...]; names: ${ABLATIONS[*]}" >&2
   exit 2
