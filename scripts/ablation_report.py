@@ -117,9 +117,9 @@ class Group:
         return int(self.stats["completed"])
 
 
-def read_sweep(runs: pd.DataFrame, keys: list[str]) -> list[Group]:
+def read_sweep(runs: pd.DataFrame, keys: list[str], metrics: tuple[str, ...] = METRICS) -> list[Group]:
     """The settings of ``keys`` (all swept keys but the seed) among a sweep's jobs, sorted by value."""
-    jobs, stats = dict(list(runs.groupby(keys, sort=False, dropna=False))), group_stats(runs, keys, METRICS)
+    jobs, stats = dict(list(runs.groupby(keys, sort=False, dropna=False))), group_stats(runs, keys, metrics)
     return [Group(dict(zip(keys, setting)), row, jobs[setting])
             for setting, (_, row) in zip(stats[keys].itertuples(index=False, name=None), stats.iterrows())]
 
@@ -196,6 +196,12 @@ class Ablation:
     #: Every 10-epoch table runs in fp32 (32-true), as its first jobs did on a CPU without bf16 units:
     #: on a CPU with them the default would be bf16-mixed, and a table must not mix precisions.
     long_args: str = "trainer.max_epochs=10 trainer.precision=32-true"
+    #: What ``scripts/ablate.sh <name>`` is given for the 1-epoch sweep (and before ``long_args``).
+    args: str = ""
+    #: Columns of metrics.json (or added by ``prepare``) averaged per setting besides ``METRICS``.
+    metrics: tuple[str, ...] = ()
+    #: Adds measured columns to a sweep's jobs (e.g. from their checkpoints) before grouping.
+    prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None
 
 
 #: The lengths every ablation is reported at: (sweep-folder suffix, heading, training length).
@@ -437,6 +443,198 @@ def render_heads(groups: list[Group], figure: Callable[[str], Path]):
     return md, figs
 
 
+# --------------------------------------------------------------------------- the design space since 2022
+def shown(value) -> str:
+    """A setting as the tables print it: ``off`` for null, ``1e-05``, ``true``, ``[4, 7, 14]``."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "off"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def pct_of(g: Group, metric: str) -> str:
+    return g.stat(metric).pct() if metric in {k.rsplit("_", 1)[0] for k in g.stats.index} else "–"
+
+
+def against_base(groups: list[Group], key: str, base, metric: str = "test_acc",
+                 name: Callable[[object], str] = shown) -> list[tuple[Group, int, str]]:
+    """Each judged setting of ``key`` against the judged setting equal to ``base``: (setting, sign,
+    phrase) from ``verdict``."""
+    ref = next((g for g in groups if shown(g.setting[key]) == shown(base) and judged(g)), None)
+    if ref is None:
+        return []
+    return [(g, *verdict(g.stat(metric), ref.stat(metric), name(g.setting[key]), name(base)))
+            for g in groups if g is not ref and judged(g) and g.stat(metric).n >= MIN_SEEDS]
+
+
+def switch_render(key: str, header: str, base, figure_name: str, title: str,
+                  outcome: Callable[[list[tuple[Group, int, str]]], str],
+                  extra: tuple[tuple[str, Callable[[Group], str]], ...] = ()):
+    """A switch's section: the table (a column per ``extra``), a figure of test accuracy per
+    setting, and ``outcome`` of the verdicts of every setting against ``base``."""
+    def render(groups: list[Group], figure: Callable[[str], Path]):
+        md = [table(groups, lambda g: [shown(g.setting[key])] + [cell(g) for _, cell in extra],
+                    [header] + [h for h, _ in extra])]
+        points = [(shown(g.setting[key]), g.stat("test_acc"), "") for g in groups if g.stat("test_acc").n]
+        figs = [errorbar_figure(figure(figure_name), title, {"": points}, header, categorical=True).name] if points else []
+        results = against_base(groups, key, base)
+        if results:
+            md.append(f"{outcome(results)} ({'; '.join(text for _, _, text in results)}).")
+        return md, figs
+    return render
+
+
+def no_loss(results, gain: str, tie: str, loss: str) -> str:
+    signs = [s for _, s, _ in results]
+    return loss if -1 in signs else gain if 1 in signs else tie
+
+
+def measure_token_norms(checkpoint: Path, images: int = 256) -> dict:
+    """Norms of the output patch tokens (the residual stream entering the final LayerNorm; class
+    token and registers left out) over the first ``images`` test images: median, largest, and
+    their ratio (Darcet et al. 2024, Fig. 3: without registers a few tokens reach about 10x)."""
+    import hydra
+
+    from vitlab.checkpoint import model_from_checkpoint
+    from vitlab.eval import data_config
+
+    module, info = model_from_checkpoint(checkpoint)
+    net = module.net.eval()
+    data = data_config(yaml_config({"ckpt_path": str(checkpoint), "paths": {"data_dir": data_dir()}}), info)
+    datamodule = hydra.utils.instantiate(data)
+    datamodule.setup("test")
+    batch = datamodule.normalize(datamodule.test_set.images[:images])
+    seen = []
+    hook = net.transformer.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        net(batch)
+    hook.remove()
+    prefix = int(net.cls_token is not None)
+    suffix = len(net.register_tokens) if net.register_tokens is not None else 0
+    norms = seen[0][:, prefix: seen[0].shape[1] - suffix].norm(dim=-1).flatten()
+    median, largest = float(norms.median()), float(norms.max())
+    return {"images": images, "median": median, "max": largest, "max_over_median": largest / median}
+
+
+def yaml_config(values: dict):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(values)
+
+
+def data_dir() -> str:
+    import os
+
+    return os.environ.get("VITLAB_DATA_DIR", "data")
+
+
+def add_token_norms(runs: pd.DataFrame) -> pd.DataFrame:
+    """``token_norm_ratio`` of each completed job, measured on its best checkpoint where the sweep
+    folder still has it and kept beside its records (``token_norms.json``) for later generations."""
+    import json
+
+    ratios = []
+    for job_dir, kept, status in zip(runs["dir"], runs["kept"], runs["status"]):
+        cache = Path(kept) / "token_norms.json"
+        best = sorted((Path(job_dir) / "checkpoints").glob("best*.ckpt"))
+        if status == "completed" and not cache.is_file() and best:
+            cache.write_text(json.dumps(measure_token_norms(best[-1]), indent=1))
+        ratios.append(json.loads(cache.read_text())["max_over_median"] if cache.is_file() else None)
+    runs = runs.copy()
+    runs["token_norm_ratio"] = ratios
+    return runs
+
+
+def ratio_cell(g: Group, metric: str = "token_norm_ratio") -> str:
+    st = g.stat(metric)
+    return "–" if not st.n else f"{st.mean:.2f} ± {st.std:.2f}" if st.n > 1 else f"{st.mean:.2f}"
+
+
+def render_qk_norm(groups: list[Group], figure: Callable[[str], Path]):
+    def failed(g: Group) -> str:
+        return str(int(g.jobs["status"].eq("failed").sum()))
+
+    md = [table(groups, lambda g: [shown(g.setting["model.qk_norm"]), f"{g.setting['optimizer.lr']:g}", failed(g)],
+                ["qk_norm", "lr", "diverged"])]
+    series = {}
+    for g in groups:
+        if g.stat("test_acc").n:
+            series.setdefault(f"qk_norm={shown(g.setting['model.qk_norm'])}", []).append(
+                (g.setting["optimizer.lr"], g.stat("test_acc"), ""))
+    figs = [errorbar_figure(figure("qk_norm"), "QK-norm against learning rate", series, "learning rate (log)",
+                            log_x=True).name] if series else []
+    sentences = []
+    for lr in sorted({g.setting["optimizer.lr"] for g in groups}):
+        at = {bool(g.setting["model.qk_norm"]): g for g in groups if g.setting["optimizer.lr"] == lr}
+        if True in at and False in at and judged(at[True]) and judged(at[False]):
+            s, text = verdict(at[True].stat("test_acc"), at[False].stat("test_acc"), "qk_norm", "plain")
+            sentences.append(f"at lr {lr:g}: " + ("QK-norm is better" if s == 1 else "no clear difference" if s == 0
+                                                   else "QK-norm is worse") + f" ({text})")
+        elif True in at and False in at and judged(at[True]) and at[False].jobs["status"].eq("failed").any():
+            sentences.append(f"at lr {lr:g}: the plain model diverged in {failed(at[False])} of "
+                             f"{len(at[False].jobs)} seeds, QK-norm in {failed(at[True])}")
+    if sentences:
+        md.append("Verdicts, " + "; ".join(sentences) + ". The paper's claim is about the high learning rate: "
+                  "QK-norm should hold there where the plain model diverges or loses.")
+    return md, figs
+
+
+def render_rope(groups: list[Group], figure: Callable[[str], Path]):
+    sizes = (36, 44, 56)
+    order = ["sincos2d", "learned", "rope2d_axial", "rope2d_mixed", "sincos2d+rope2d_axial", "sincos2d+rope2d_mixed"]
+    groups.sort(key=lambda g: order.index(g.setting["model.pos_emb"]) if g.setting["model.pos_emb"] in order else 99)
+    md = [table(groups, lambda g: [g.setting["model.pos_emb"]] + [pct_of(g, f"test/acc@{s}px") for s in sizes],
+                ["position embedding"] + [f"test acc at {s} px (%)" for s in sizes])]
+    series = {}
+    for g in groups:
+        points = [(28, g.stat("test_acc"), "")] + [(s, g.stat(f"test/acc@{s}px"), "") for s in sizes
+                                                    if g.stat(f"test/acc@{s}px").n]
+        if g.stat("test_acc").n:
+            series[g.setting["model.pos_emb"]] = points
+    figs = [errorbar_figure(figure("rope"), "position embedding: tested at the training size and above", series,
+                            "test image size (px; trained at 28)").name] if series else []
+    parts = []
+    for metric, where in (("test_acc", "at the training size (28 px)"), ("test/acc@56px", "at 56 px (2x)")):
+        results = against_base(groups, "model.pos_emb", "sincos2d", metric)
+        if results:
+            parts.append(f"{where}: " + "; ".join(text for _, _, text in results))
+    if parts:
+        md.append("Each embedding against the fixed sincos2d, " + ". ".join(parts) + ". Heo et al. find RoPE-Mixed > "
+                  "RoPE-Axial >= absolute at the training resolution and a much smaller loss than absolute "
+                  "embeddings at higher resolutions.")
+    return md, figs
+
+
+def render_flexivit(groups: list[Group], figure: Callable[[str], Path]):
+    sizes = (4, 7, 14)
+
+    def kind(g: Group) -> str:
+        return "FlexiViT" if shown(g.setting["model.flexi_patch_sizes"]) != "off" else "fixed"
+
+    groups.sort(key=lambda g: (kind(g) == "FlexiViT", g.setting["model.patch_size"]))
+    md = [table(groups, lambda g: [kind(g), str(g.setting["model.patch_size"])]
+                + [pct_of(g, f"test/acc@p{s}") for s in sizes],
+                ["model", "weights at patch"] + [f"test acc at patch {s} (%)" for s in sizes])]
+    md.append("The test acc column is each model at its own patch size; the columns per patch size read the same "
+              "weights at that patch size (PI-resized patch embedding, position embedding at the new grid).")
+    series = {f"{kind(g)} (weights at {g.setting['model.patch_size']})":
+              [(s, g.stat(f"test/acc@p{s}"), "") for s in sizes if g.stat(f"test/acc@p{s}").n]
+              for g in groups if g.stat("test/acc@p4").n}
+    figs = [errorbar_figure(figure("flexivit"), "one flexible model against one model per patch size", series,
+                            "patch size at test").name] if series else []
+    flexi = [g for g in groups if kind(g) == "FlexiViT" and judged(g)]
+    fixed = {g.setting["model.patch_size"]: g for g in groups if kind(g) == "fixed" and judged(g)}
+    if flexi and fixed:
+        best = max(flexi, key=lambda g: sum(g.stat(f"test/acc@p{s}").mean for s in sizes))
+        parts = [f"{shown(s)}: " + verdict(best.stat(f"test/acc@p{s}"), fixed[s].stat(f"test/acc@p{s}"),
+                                           "FlexiViT", f"patch-{s} model")[1] for s in sizes if s in fixed]
+        md.append(f"The flexible model with its weights at patch {best.setting['model.patch_size']} against the model "
+                  f"trained at each patch size alone, at that size: " + "; ".join(parts) + ". FlexiViT (Fig. 3) "
+                  "matches or beats each such model, which collapse at the other patch sizes.")
+    return md, figs
+
+
 ABLATIONS = [
     Ablation("patch_size", "Patch size", ["model.patch_size"],
              "ViT paper (Dosovitskiy et al. 2021), Table 5 / Fig. 5: smaller patches, more compute, better accuracy.",
@@ -458,6 +656,59 @@ ABLATIONS = [
     Ablation("heads", "Number of heads at fixed inner width", ["model.heads"],
              "Vaswani et al. 2017, Table 3 (A): one head is worse than the best; too many heads lose again.",
              render_heads),
+    Ablation("registers", "Register tokens", ["model.reg_tokens"],
+             "Darcet et al. 2024, Fig. 8 and Table 2: registers keep or slightly raise accuracy, and remove the output "
+             "patch tokens of about 10x the usual norm (Fig. 3) that ViTs without them grow.",
+             switch_render("model.reg_tokens", "registers", 0, "registers", "register tokens",
+                           lambda r: no_loss(r, "**Reproduced**: registers cost nothing and help here",
+                                             "**Reproduced for accuracy**: registers cost nothing here",
+                                             "**Not reproduced**: some register counts lose accuracy here"),
+                           extra=(("largest / median patch-token norm", ratio_cell),)),
+             metrics=("token_norm_ratio",), prepare=add_token_norms, args="reuse=null"),
+    Ablation("qk_norm", "QK-norm against learning rate", ["model.qk_norm", "optimizer.lr"],
+             "Dehghani et al. 2023 (ViT-22B), Sec. 2 and Fig. 2: without LayerNorm on queries and keys the attention "
+             "logits grow and training diverges at high learning rates; with it training is stable.",
+             render_qk_norm),
+    Ablation("layer_scale", "LayerScale", ["model.layer_scale"],
+             "Touvron et al. 2021 (CaiT), Tables 1 and 3: LayerScale lets deep ViTs train better; its gain grows with "
+             "depth (at depth 4, little is expected).",
+             switch_render("model.layer_scale", "layer_scale", None, "layer_scale", "LayerScale initial value",
+                           lambda r: no_loss(r, "**Helps here**", "**No clear effect at this depth**, as CaiT's results "
+                                             "predict for shallow models", "**Hurts here** at this depth"))),
+    Ablation("rope", "2-D rotary position embedding", ["model.pos_emb"],
+             "Heo et al. 2024, Fig. 3 and Table 2: RoPE-Mixed > RoPE-Axial >= absolute embeddings at the training "
+             "resolution, and RoPE extrapolates to larger images far better.", render_rope,
+             metrics=("test/acc@36px", "test/acc@44px", "test/acc@56px")),
+    Ablation("mlp", "GELU against SwiGLU MLP", ["model.mlp"],
+             "Shazeer 2020, Table 1: SwiGLU at equal parameters lowers the loss (language models); EVA-02 and DINOv3 "
+             "use it in ViTs.",
+             switch_render("model.mlp", "MLP", "gelu", "mlp", "MLP",
+                           lambda r: no_loss(r, "**Reproduced**: SwiGLU is better", "**No clear difference** here",
+                                             "**Opposite**: SwiGLU is worse here"),
+                           extra=(("params", lambda g: f"{g.value('params'):.0f}" if g.value("params") else "–"),))),
+    Ablation("patch_dropout", "PatchDropout", ["model.patch_dropout"],
+             "Liu et al. 2023, Table 1 and Fig. 3: dropping 25-50 % of the patches in training costs little or no "
+             "accuracy and saves compute in proportion.",
+             switch_render("model.patch_dropout", "dropped share", 0.0, "patch_dropout", "PatchDropout",
+                           lambda r: no_loss(r, "**Better than without**", "**Reproduced**: no clear accuracy cost",
+                                             "**A cost in accuracy** at some shares")
+                           + "; the images/s column gives the training speed each share buys")),
+    Ablation("map_pool", "Pooling: mean, class token, attention (MAP)", ["model.pool"],
+             "Zhai et al. 2022 (Scaling ViTs), Sec. 3.3 and Fig. 4: a MAP head is as good as or better than a class "
+             "token or mean pooling.",
+             switch_render("model.pool", "pool", "mean", "map_pool", "pooling",
+                           lambda r: "Each pooling against mean pooling")),
+    Ablation("patch_norm", "LayerNorm over the patch pixels in the stem", ["model.patch_norm"],
+             "No paper: vit-pytorch's SimpleViT normalises each patch's pixels before the embedding; Beyer et al. "
+             "2022 and big_vision do not. FlexiViT needs the plain stem.",
+             switch_render("model.patch_norm", "patch_norm", True, "patch_norm", "patch LayerNorm",
+                           lambda r: no_loss(r, "**The plain stem is better** here", "**No clear difference**: the "
+                                             "patch LayerNorm can be dropped (as FlexiViT needs)",
+                                             "**The patch LayerNorm helps** here"))),
+    Ablation("flexivit", "FlexiViT: one model for every patch size", ["model.patch_size", "model.flexi_patch_sizes"],
+             "Beyer et al. 2023 (FlexiViT), Fig. 1 and 3: one model trained with a random patch size per step matches "
+             "the models trained at each size alone, which collapse at other sizes.", render_flexivit,
+             metrics=("test/acc@p4", "test/acc@p7", "test/acc@p14")),
 ]
 
 
@@ -518,7 +769,7 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     """The page's section of one sweep, from its kept records; the last generation's text where the
     records are gone (its heading is then added to ``carried``)."""
     name = f"ablation_{ablation.name}{suffix}"
-    args = f" {ablation.long_args}" if suffix else ""
+    args = "".join(f" {a}" for a in (ablation.args, ablation.long_args if suffix else "") if a)
     title = f"## {ablation.title}, {heading}"
     lines = [title, "", f"Paper: {ablation.paper}", "",
              f"Command: `scripts/ablate.sh {ablation.name}{args}` (config "
@@ -538,7 +789,9 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     # A job that took the results of the same run in another sweep (reuse) cost no time here.
     took = reused(runs)
     total = pd.to_numeric(runs["wall_time_s"][~took], errors="coerce").sum()
-    groups = read_sweep(runs, ablation.keys)
+    if ablation.prepare is not None:
+        runs = ablation.prepare(runs)
+    groups = read_sweep(runs, ablation.keys, METRICS + ablation.metrics)
     md, figs = ablation.render(groups, lambda base: figures / f"{base}{suffix}.png")
     if any(g.stat("test_acc").n == 1 for g in groups):
         md.insert(1, f"Settings with fewer than {MIN_SEEDS} completed seeds are in the table and figure but in no "

@@ -83,8 +83,9 @@ def test_ablate_sh_refuses_an_unknown_name():
     assert result.returncode == 2 and "unknown ablation 'patchsize'" in result.stderr and "patch_size" in result.stderr
 
 
-def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed: None):
-    """A sweep folder as a multirun leaves it: per job .hydra/overrides.yaml, config.yaml, metrics.json."""
+def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed: None, extra=lambda o, seed: {}):
+    """A sweep folder as a multirun leaves it: per job .hydra/overrides.yaml, config.yaml, metrics.json
+    (with the fields ``extra`` gives a job)."""
     sweep = root / f"ablation_{name}"
     for num, (overrides, seed) in enumerate((o, s) for o in settings for s in seeds):
         job = sweep / f"{num}_job"
@@ -97,7 +98,7 @@ def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed
         (job / "config.yaml").write_text(yaml.safe_dump(config))
         metrics = {"status": "completed", "test/acc": acc(overrides) + 0.001 * seed, "best_val_acc": acc(overrides),
                    "flops_per_image": 1e6 * overrides.get("model.patch_size", 4) ** -2, "wall_time_s": 10.0,
-                   "train_images_per_s": 100.0, "params": 1000, "machine": "Test CPU, 1 thread"}
+                   "train_images_per_s": 100.0, "params": 1000, "machine": "Test CPU, 1 thread", **extra(overrides, seed)}
         (job / "metrics.json").write_text(json.dumps(metrics))
         if overrides.get("model.pos_emb") == "learned":
             (job / "checkpoints").mkdir()
@@ -129,11 +130,37 @@ def test_report_writes_tables_figures_and_verdicts_from_the_numbers(tmp_path):
     assert "mean (lr 0.002) − cls (lr 0.002)" in text and "mean pooling beats the class token" in text
     # Mean ± std over the three seeds: 0.9 - 0.02 + (0, 0.001, 0.002) -> 88.10 ± 0.10.
     assert "| 2 | 196 | 3/3 | 88.10 ± 0.10 |" in re.sub(r" +", " ", text), "a table row, padding aside"
-    # 6 ablations at 10 epochs, and patch_size_compute, depth_width and heads at 1 epoch.
-    assert text.count("Not run yet.") == 9
+    # Every ablation at 10 epochs, and all but these three at 1 epoch.
+    assert text.count("Not run yet.") == 2 * len(_load_report().ABLATIONS) - 3
     assert "carried over" not in text  # every section comes from records
     for figure in ("patch_size.png", "pos_emb.png", "pos_emb_similarity.png", "pool.png"):
         assert (docs / "ablations" / figure).stat().st_size > 10_000
+
+
+def test_report_of_the_design_space_switches(tmp_path):
+    """Registers, QK-norm, RoPE at larger test images and FlexiViT at every patch size: tables with
+    their own columns, and verdicts against the base setting from the numbers."""
+    runs = tmp_path / "multirun"
+    fake_sweep(runs, "registers", [{"model.reg_tokens": n} for n in (0, 4)], lambda o: 0.80 + 0.01 * (o["model.reg_tokens"] > 0))
+    fake_sweep(runs, "qk_norm", [{"model.qk_norm": q, "optimizer.lr": lr} for q in ("false", "true") for lr in (0.002, 0.01)],
+               lambda o: 0.80)
+    rope = {"sincos2d": 0.80, "rope2d_axial": 0.80, "rope2d_mixed": 0.82}
+    fake_sweep(runs, "rope", [{"model.pos_emb": k} for k in rope], lambda o: rope[o["model.pos_emb"]],
+               extra=lambda o, seed: {f"test/acc@{s}px": rope[o["model.pos_emb"]] - (0.3 if o["model.pos_emb"] == "sincos2d" else 0.05)
+                                      + 0.001 * seed for s in (36, 44, 56)})
+    fake_sweep(runs, "flexivit", [{"model.patch_size": p, "model.flexi_patch_sizes": f} for p in (4, 7) for f in ("null", "[4,7,14]")],
+               lambda o: 0.80,
+               extra=lambda o, seed: {f"test/acc@p{s}": (0.80 if o["model.flexi_patch_sizes"] != "null" or s == o["model.patch_size"]
+                                                         else 0.2) + 0.001 * seed for s in (4, 7, 14)})
+    text = re.sub(r" +", " ", write_report(runs, tmp_path / "docs"))
+    assert "**Reproduced**: registers cost nothing and help here (4 − 0 = +1.00" in text
+    assert "| largest / median patch-token norm |" in text.replace("| largest", "| largest")
+    assert "at lr 0.01: no clear difference" in text
+    assert "| rope2d_mixed | 77.10 ± 0.10 | 77.10 ± 0.10 | 77.10 ± 0.10 | 3/3 | 82.10 ± 0.10 |" in text
+    assert "at 56 px (2x): rope2d_axial − sincos2d = +25.00" in text
+    assert "| FlexiViT | 4 | 80.10 ± 0.10 | 80.10 ± 0.10 | 80.10 ± 0.10 |" in text
+    assert "| fixed | 7 | 20.10 ± 0.10 | 80.10 ± 0.10 | 20.10 ± 0.10 |" in text
+    assert "p14: FlexiViT − patch-14 model" not in text  # no model trained at 14 alone here
 
 
 def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_recompute(tmp_path):

@@ -194,15 +194,26 @@ RESUME = ["trainer.max_epochs=2", "trainer.limit_val_batches=1", "trainer.limit_
           "+logger.csv.flush_logs_every_n_steps=1", "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("path", ["in_memory", "streaming"])
+#: Every design-space switch at once, those with random draws among them: patch dropout (torch's
+#: generator, which checkpoints carry) and FlexiViT's patch size per step (seeded by the step).
+SWITCHES = ["model.patch_dropout=0.5", "model.patch_norm=false", "model.flexi_patch_sizes=[4,7,14]",
+            "model.pos_emb=sincos2d+rope2d_mixed", "model.reg_tokens=2", "model.qk_norm=true", "model.layer_scale=0.1",
+            "model.mlp=swiglu", "model.pool=map"]
+
+
+@pytest.mark.parametrize("path", ["in_memory", "streaming", "switches"])
 def test_stopped_mid_epoch_resumes_to_the_same_result(path, tmp_path, data_dir):
-    """trainer.deterministic=true: stopped by SIGTERM (and, streamed, killed) in the middle of
-    epoch 2 and re-run, a run ends with the test metrics and weights of an uninterrupted one:
-    the resumed epoch draws the batches (and augmentations) the uninterrupted epoch drew after
-    that step. (SIGKILL of an in-memory run: tests/test_checkpoint.py.)"""
-    if path == "in_memory":
-        steps, signals = 40, [signal.SIGTERM]
+    """trainer.deterministic=true: stopped by SIGTERM (and, streamed or with the design-space
+    switches, killed) in the middle of epoch 2 and re-run, a run ends with the test metrics and
+    weights of an uninterrupted one: the resumed epoch draws the batches (and augmentations,
+    dropped patches, patch sizes) the uninterrupted epoch drew after that step. (SIGKILL of an
+    in-memory run: tests/test_checkpoint.py.)"""
+    if path in ("in_memory", "switches"):
+        steps, signals = 40, [signal.SIGTERM] + [signal.SIGKILL] * (path == "switches")
         overrides = [*SLICE, *RESUME, f"trainer.limit_train_batches={steps}", "data.batch_size=32"]
+        if path == "switches":
+            overrides += [*SWITCHES, "model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16",
+                          "model.mlp_dim=64"]
     else:
         root = make_image_folder(tmp_path / "photos", per_class=40)
         steps, signals = 30, [signal.SIGTERM, signal.SIGKILL]  # 120 training images in batches of 4

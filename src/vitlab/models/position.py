@@ -88,6 +88,8 @@ class Rope2d(nn.Module):
     def __init__(self, kind: str, dim_head: int, heads: int, depth: int):
         super().__init__()
         self.kind, self.depth = kind, depth
+        #: Fixed (axial) tables by grid, step and device: built once, not at every forward.
+        self._tables: dict[tuple, torch.Tensor] = {}
         if kind == "rope2d_axial":
             bands = freq_bands(dim_head // 4, temperature=ROPE_THETA[kind], step=1)
             zeros = torch.zeros_like(bands)
@@ -100,12 +102,18 @@ class Rope2d(nn.Module):
     def table(self, h: int, w: int, step: float = 1.0) -> torch.Tensor:
         """(blocks or 1, heads or 1, h * w, 2 * dim_head): sin then cos of each pair's angle, for
         patches in row-major order."""
+        key = (h, w, step, self.freqs.device)
+        if self.kind == "rope2d_axial" and key in self._tables:
+            return self._tables[key]
         device = self.freqs.device
         t_y = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
         t_x = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
         if step != 1:
             t_y, t_x = t_y * step, t_x * step
-        return get_mixed_freqs(self.freqs, t_x, t_y, dtype=torch.float32)
+        table = get_mixed_freqs(self.freqs, t_x, t_y, dtype=torch.float32)
+        if self.kind == "rope2d_axial":
+            self._tables[key] = table
+        return table
 
     def forward(self, h: int, w: int, step: float = 1.0, keep: torch.Tensor | None = None, prefix: int = 0,
                 suffix: int = 0) -> list[torch.Tensor]:
