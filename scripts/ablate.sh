@@ -2,6 +2,8 @@
 # Run one paper-style ablation over 3 seeds and refresh docs/ablations.md:
 #
 #   scripts/ablate.sh <name> [extra Hydra overrides]     # name: patch_size pos_emb pool depth_width heads
+#                                                        # registers qk_norm layer_scale rope mlp patch_dropout
+#                                                        # map_pool patch_norm flexivit
 #   scripts/ablate.sh all                                # every ablation, one after another
 #   scripts/ablate.sh pos_emb data=cifar10 trainer=gpu   # on CIFAR-10: outputs/multirun/ablation_pos_emb_cifar10/
 #   scripts/ablate.sh pos_emb trainer.max_epochs=10 trainer.precision=32-true

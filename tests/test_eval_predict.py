@@ -213,3 +213,20 @@ def test_predict_with_the_flip_gives_an_image_and_its_mirror_the_same_answer(ima
     assert plain[0] != plain[1], "the plain model tells an image from its mirror"
     assert flipped[0] == flipped[1], "with the flip, an image and its mirror average the same two predictions"
     assert predictions("null") == plain, "null predicts as the run tested (without the flip)"
+
+
+def test_a_flexivit_checkpoint_evaluates_at_every_patch_size(tmp_path, data_dir):
+    """Trained with patch sizes [4, 7] (one drawn per step), one checkpoint is tested at both, in
+    training's own test and in vitlab.eval, which also reads it at another image size; at the
+    model's own patch size the variant is the plain test."""
+    run_entry("vitlab.train", *SLICE, "model.patch_norm=false", "model.flexi_patch_sizes=[4,7]", "name=flexi", *TINY,
+              cwd=tmp_path, data_dir=data_dir)
+    trained = json.loads((tmp_path / "outputs" / "runs" / "flexi" / "metrics.json").read_text())
+    assert trained["status"] == "completed" and trained["test/acc@p4"] == trained["test/acc"]
+    assert 0 < trained["test/acc@p7"] <= 1
+    ckpt = tmp_path / "outputs" / "runs" / "flexi" / "checkpoints" / "last.ckpt"
+    run_entry("vitlab.eval", f"ckpt_path={ckpt}", "name=flexi", "image_sizes=[56]",
+              "torch_threads=1", cwd=tmp_path, data_dir=data_dir)
+    evaluated = json.loads((tmp_path / "outputs" / "eval" / "flexi" / "metrics.json").read_text())
+    assert {"test/acc@p4", "test/acc@p7", "test/acc@56px"} <= set(evaluated)
+    assert evaluated["test/acc@p4"] == evaluated["test/acc"]
