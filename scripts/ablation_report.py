@@ -551,6 +551,15 @@ def ratio_cell(g: Group, metric: str = "token_norm_ratio") -> str:
     return "–" if not st.n else f"{st.mean:.2f} ± {st.std:.2f}" if st.n > 1 else f"{st.mean:.2f}"
 
 
+def map_outcome(results) -> str:
+    """The MAP head's verdict against mean pooling, in Zhai et al.'s terms."""
+    sign = {shown(g.setting["model.pool"]): s for g, s, _ in results}.get("map")
+    return {1: "**Reproduced**: the MAP head beats mean pooling",
+            0: "**Reproduced in part**: the MAP head is as good as mean pooling (Zhai et al.: as good or better)",
+            -1: "**Not reproduced**: the MAP head is worse than mean pooling here",
+            None: "Each pooling against mean pooling"}[sign]
+
+
 def render_qk_norm(groups: list[Group], figure: Callable[[str], Path]):
     def failed(g: Group) -> str:
         return str(int(g.jobs["status"].eq("failed").sum()))
@@ -696,8 +705,7 @@ ABLATIONS = [
     Ablation("map_pool", "Pooling: mean, class token, attention (MAP)", ["model.pool"],
              "Zhai et al. 2022 (Scaling ViTs), Sec. 3.3 and Fig. 4: a MAP head is as good as or better than a class "
              "token or mean pooling.",
-             switch_render("model.pool", "pool", "mean", "map_pool", "pooling",
-                           lambda r: "Each pooling against mean pooling")),
+             switch_render("model.pool", "pool", "mean", "map_pool", "pooling", map_outcome)),
     Ablation("patch_norm", "LayerNorm over the patch pixels in the stem", ["model.patch_norm"],
              "No paper: vit-pytorch's SimpleViT normalises each patch's pixels before the embedding; Beyer et al. "
              "2022 and big_vision do not. FlexiViT needs the plain stem.",

@@ -335,3 +335,33 @@ def test_bad_switch_values_fail_at_construction(overrides, fragment):
         make(**overrides)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# --- training-side pieces ------------------------------------------------------------------------
+
+def test_flexi_patch_size_is_a_function_of_seed_and_step_and_draws_every_size():
+    from collections import Counter
+
+    from vitlab.module import flexi_patch_size
+
+    draws = [flexi_patch_size([4, 7, 14], seed=0, step=s) for s in range(600)]
+    assert draws == [flexi_patch_size([4, 7, 14], seed=0, step=s) for s in range(600)]  # resume draws the same
+    assert draws != [flexi_patch_size([4, 7, 14], seed=1, step=s) for s in range(600)]
+    assert all(150 < n < 250 for n in Counter(draws).values()) and set(draws) == {4, 7, 14}
+
+
+def test_records_without_the_switches_are_the_same_experiment_as_switches_off():
+    """A run recorded before the switches existed (its config.yaml lacks them) is reused by a run
+    that has them all off; one with a switch on is another experiment."""
+    from vitlab.results import deciding_config
+
+    old = {"seed": 0, "model": {"dim": 96, "pool": "mean"}, "module": {"label_smoothing": 0.1}}
+    new = {"seed": 0, "model": {"dim": 96, "pool": "mean", "reg_tokens": 0, "qk_norm": False, "layer_scale": None,
+                                "mlp": "gelu", "patch_dropout": 0.0, "patch_norm": True, "flexi_patch_sizes": None},
+           "module": {"label_smoothing": 0.1, "seed": 0, "test_image_sizes": [], "test_patch_sizes": None}}
+    assert deciding_config(new) == deciding_config(old)
+    for field, value in (("reg_tokens", 4), ("qk_norm", True), ("mlp", "swiglu"), ("patch_norm", False)):
+        changed = {**new, "model": {**new["model"], field: value}}
+        assert deciding_config(changed) != deciding_config(old), field
+    tested = {**new, "module": {**new["module"], "test_image_sizes": [36]}}
+    assert deciding_config(tested) != deciding_config(old)
