@@ -448,9 +448,9 @@ def shown(value) -> str:
     """A setting as the tables print it: ``off`` for null, ``1e-05``, ``true``, ``[4, 7, 14]``."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "off"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
 def pct_of(g: Group, metric: str) -> str:
@@ -701,7 +701,7 @@ ABLATIONS = [
              switch_render("model.patch_dropout", "dropped share", 0.0, "patch_dropout", "PatchDropout",
                            lambda r: no_loss(r, "**Better than without**", "**Reproduced**: no clear accuracy cost",
                                              "**A cost in accuracy** at some shares")
-                           + "; the images/s column gives the training speed each share buys")),
+                           + "; the images/s column gives the training speed each share buys"), args="reuse=null"),
     Ablation("map_pool", "Pooling: mean, class token, attention (MAP)", ["model.pool"],
              "Zhai et al. 2022 (Scaling ViTs), Sec. 3.3 and Fig. 4: a MAP head is as good as or better than a class "
              "token or mean pooling.",

@@ -8,11 +8,16 @@ cross-entropy, backward, fused AdamW) on the same random batches, in interleaved
 round runs each model back to back, so the machine's drift cancels in the ratios. Prints, per
 switch, the median images/s and the median over rounds of its ratio to the default within the
 round. Speed targets belong here, never in tests.
+
+``--reference FILE`` adds the default model as another version of ``simple_vit.py`` defines it
+(e.g. ``git show <commit>:src/vitlab/models/simple_vit.py > /tmp/old_vit.py``): a change to the
+model checked for speed against the code before it, in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 from functools import partial
 
@@ -63,6 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", default=None, help="bf16-mixed or 32-true (default: vitlab's auto choice)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--reference", default=None, help="a simple_vit.py whose SimpleViT runs as 'reference'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +86,14 @@ def main() -> None:
             model = flexi_model(model)
         contenders.append(Contender(name, bare_loop(model, batches, device, precision, optimizer), args.batch_size,
                                     0.0, lambda: None))
-    print(f"{len(SWITCHES)} models, {args.rounds} rounds of {args.steps} steps, batch {args.batch_size}, {precision}, "
+    if args.reference:
+        spec = importlib.util.spec_from_file_location("reference_vit", args.reference)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)
+        contenders.insert(1, Contender("reference", bare_loop(module.SimpleViT(**DEFAULT), batches, device, precision,
+                                                              optimizer), args.batch_size, 0.0, lambda: None))
+    print(f"{len(contenders)} models, {args.rounds} rounds of {args.steps} steps, batch {args.batch_size}, {precision}, "
           f"{torch.get_num_threads()} threads")
     for _ in range(args.rounds):
         for c in contenders:
