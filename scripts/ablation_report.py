@@ -560,6 +560,22 @@ def map_outcome(results) -> str:
             None: "Each pooling against mean pooling"}[sign]
 
 
+def render_registers(groups: list[Group], figure: Callable[[str], Path]):
+    md, figs = switch_render("model.reg_tokens", "registers", 0, "registers", "register tokens",
+                             lambda r: no_loss(r, "**Reproduced**: registers cost nothing and help here",
+                                               "**Reproduced for accuracy**: registers cost nothing here",
+                                               "**Not reproduced**: some register counts lose accuracy here"),
+                             extra=(("largest / median patch-token norm", ratio_cell),))(groups, figure)
+    none = next((g for g in groups if g.setting["model.reg_tokens"] == 0 and g.stat("token_norm_ratio").n), None)
+    if none is not None:
+        ratio = none.stat("token_norm_ratio").mean
+        md.append(f"Without registers the largest output patch token has {ratio:.1f}x the median norm "
+                  + ("(no high-norm outliers at this scale: Darcet et al. see them, about 10x, in large models trained "
+                     "long, so there is nothing for registers to remove here)." if ratio < 3 else
+                     "(high-norm outliers, as Darcet et al. describe; compare the rows with registers)."))
+    return md, figs
+
+
 def render_qk_norm(groups: list[Group], figure: Callable[[str], Path]):
     def failed(g: Group) -> str:
         return str(int(g.jobs["status"].eq("failed").sum()))
@@ -603,15 +619,33 @@ def render_rope(groups: list[Group], figure: Callable[[str], Path]):
             series[g.setting["model.pos_emb"]] = points
     figs = [errorbar_figure(figure("rope"), "position embedding: tested at the training size and above", series,
                             "test image size (px; trained at 28)").name] if series else []
-    parts = []
+    parts, summary = [], []
     for metric, where in (("test_acc", "at the training size (28 px)"), ("test/acc@56px", "at 56 px (2x)")):
         results = against_base(groups, "model.pos_emb", "sincos2d", metric)
         if results:
             parts.append(f"{where}: " + "; ".join(text for _, _, text in results))
+        rotary = [sign for g, sign, _ in results if "rope" in g.setting["model.pos_emb"]]
+        if rotary:
+            summary.append(f"{where} " + ("every RoPE variant beats sincos2d" if all(x == 1 for x in rotary) else
+                                          "no RoPE variant is worse than sincos2d" if min(rotary) >= 0 else
+                                          "some RoPE variants are worse than sincos2d"))
+        done = [g for g in groups if judged(g) and g.stat(metric).n]
+        if done and metric != "test_acc":
+            best = max(done, key=lambda g: g.stat(metric).mean)
+            summary.append(f"the best {where} is {best.setting['model.pos_emb']}")
+    by = {g.setting["model.pos_emb"]: g for g in groups if judged(g)}
+    if "rope2d_mixed" in by and "rope2d_axial" in by:
+        sign, text = verdict(by["rope2d_mixed"].stat("test_acc"), by["rope2d_axial"].stat("test_acc"), "rope2d_mixed",
+                             "rope2d_axial")
+        summary.append(("RoPE-Mixed beats RoPE-Axial" if sign == 1 else "RoPE-Mixed and RoPE-Axial tie" if sign == 0
+                        else "RoPE-Axial beats RoPE-Mixed") + f" at 28 px ({text})")
     if parts:
-        md.append("Each embedding against the fixed sincos2d, " + ". ".join(parts) + ". Heo et al. find RoPE-Mixed > "
-                  "RoPE-Axial >= absolute at the training resolution and a much smaller loss than absolute "
-                  "embeddings at higher resolutions.")
+        md.append("**Measured**: " + "; ".join(summary) + ". Heo et al. find RoPE-Mixed > RoPE-Axial >= absolute "
+                  "embeddings at the training resolution, and RoPE losing much less than absolute embeddings at higher "
+                  "resolutions. Here the fixed embeddings (sincos2d, RoPE) are extended to the new grid (positions "
+                  "in patches), while a learned table is resampled over the image (as when fine-tuning at a new "
+                  "resolution).")
+        md.append("Each embedding against sincos2d, " + ". ".join(parts) + ".")
     return md, figs
 
 
@@ -638,9 +672,22 @@ def render_flexivit(groups: list[Group], figure: Callable[[str], Path]):
         best = max(flexi, key=lambda g: sum(g.stat(f"test/acc@p{s}").mean for s in sizes))
         parts = [f"{shown(s)}: " + verdict(best.stat(f"test/acc@p{s}"), fixed[s].stat(f"test/acc@p{s}"),
                                            "FlexiViT", f"patch-{s} model")[1] for s in sizes if s in fixed]
-        md.append(f"The flexible model with its weights at patch {best.setting['model.patch_size']} against the model "
+        signs = [verdict(best.stat(f"test/acc@p{s}"), fixed[s].stat(f"test/acc@p{s}"), "", "")[0]
+                 for s in sizes if s in fixed]
+        elsewhere = [fixed[p].stat(f"test/acc@p{s}").mean for p in fixed for s in sizes if s != p]
+        flexible = [best.stat(f"test/acc@p{s}").mean for s in sizes]
+        collapse = (f"the fixed models collapse away from their own patch size (mean {100 * np.mean(elsewhere):.1f} % "
+                    f"there, against {100 * min(flexible):.1f}-{100 * max(flexible):.1f} % for the flexible model at "
+                    "every size)")
+        md.append((f"**Reproduced**: the flexible model matches or beats the models trained at one patch size, and "
+                   f"{collapse}" if min(signs) >= 0 else
+                   f"**Reproduced in part**: {collapse}, but each beats the flexible model at its own size"
+                   if max(signs) <= 0 else
+                   f"**Mixed**: {collapse}; the flexible model beats some of them at their own size and loses to "
+                   "others") + ". "
+                  f"The flexible model with its weights at patch {best.setting['model.patch_size']} against the model "
                   f"trained at each patch size alone, at that size: " + "; ".join(parts) + ". FlexiViT (Fig. 3) "
-                  "matches or beats each such model, which collapse at the other patch sizes.")
+                  "matches or beats each such model after long training, and they collapse at other patch sizes.")
     return md, figs
 
 
@@ -668,12 +715,7 @@ ABLATIONS = [
     Ablation("registers", "Register tokens", ["model.reg_tokens"],
              "Darcet et al. 2024, Fig. 8 and Table 2: registers keep or slightly raise accuracy, and remove the output "
              "patch tokens of about 10x the usual norm (Fig. 3) that ViTs without them grow.",
-             switch_render("model.reg_tokens", "registers", 0, "registers", "register tokens",
-                           lambda r: no_loss(r, "**Reproduced**: registers cost nothing and help here",
-                                             "**Reproduced for accuracy**: registers cost nothing here",
-                                             "**Not reproduced**: some register counts lose accuracy here"),
-                           extra=(("largest / median patch-token norm", ratio_cell),)),
-             metrics=("token_norm_ratio",), prepare=add_token_norms, args="reuse=null"),
+             render_registers, metrics=("token_norm_ratio",), prepare=add_token_norms, args="reuse=null"),
     Ablation("qk_norm", "QK-norm against learning rate", ["model.qk_norm", "optimizer.lr"],
              "Dehghani et al. 2023 (ViT-22B), Sec. 2 and Fig. 2: without LayerNorm on queries and keys the attention "
              "logits grow and training diverges at high learning rates; with it training is stable.",
@@ -743,7 +785,13 @@ def planned_jobs(sweep: Path) -> int | None:
     path = sweep / "multirun.yaml"
     params = ((yaml.safe_load(path.read_text()) or {}).get("hydra", {}).get("sweeper", {}).get("params")
               if path.is_file() else None)
-    return math.prod(len(str(v).split(",")) for v in params.values()) if params else None
+    if not params:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    overrides = parser.parse_overrides([f"{key}={value}" for key, value in params.items()])
+    return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides)
 
 
 def previous_sections(page: Path) -> dict[str, list[str]]:
