@@ -209,7 +209,7 @@ def test_rope_mixed_table_is_timms_rotary_embedding_mixed():
 def test_rope_scores_depend_only_on_the_offset(kind):
     """The same query and key content at every position: the score of two tokens is a function of
     their offset (dy, dx) alone; a token without a position (class token, register) is not rotated."""
-    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+    from timm.layers import apply_rot_embed_cat
 
     torch.manual_seed(0)
     rope = Rope2d(kind, dim_head=16, heads=2, depth=2)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import LayerScale
-from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.layers import LayerScale, apply_rot_embed_cat
 from torch import nn
 
 ATTENTIONS = ("math", "sdpa", "auto")

@@ -10,8 +10,8 @@ over the image (as big_vision's FlexiViT and the ViT paper's fine-tuning at a ne
 from __future__ import annotations
 
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.layers.pos_embed_sincos import apply_keep_indices_nlc, freq_bands, get_mixed_freqs, init_random_2d_freqs
+from timm.layers import apply_keep_indices_nlc, freq_bands, get_mixed_freqs, resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import init_random_2d_freqs
 from torch import nn
 
 ABSOLUTE = ("sincos2d", "learned", "none")
