@@ -498,6 +498,7 @@ def measure_token_norms(checkpoint: Path, images: int = 256) -> dict:
 
     from vitlab.checkpoint import model_from_checkpoint
     from vitlab.eval import data_config
+    from vitlab.models.parts import patch_tokens
 
     module, info = model_from_checkpoint(checkpoint)
     net = module.net.eval()
@@ -512,7 +513,7 @@ def measure_token_norms(checkpoint: Path, images: int = 256) -> dict:
     hook.remove()
     prefix = int(net.cls_token is not None)
     suffix = len(net.register_tokens) if net.register_tokens is not None else 0
-    norms = seen[0][:, prefix: seen[0].shape[1] - suffix].norm(dim=-1).flatten()
+    norms = patch_tokens(seen[0], prefix, suffix).norm(dim=-1).flatten()
     median, largest = float(norms.median()), float(norms.max())
     return {"images": images, "median": median, "max": largest, "max_over_median": largest / median}
 

@@ -36,7 +36,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from vitlab.models.attention import ATTENTIONS, CPU_CHUNK_BYTES, Attention, chunked_attention, explicit_attention
-from vitlab.models.parts import MLPS, MAPPool, PatchDropout
+from vitlab.models.parts import MLPS, MAPPool, PatchDropout, patch_tokens
 from vitlab.models.patch_embed import PatchEmbedding
 from vitlab.models.position import ABSOLUTE, ROTARY, Rope2d, absolute_position, parse_pos_emb, posemb_sincos_2d
 
@@ -181,7 +181,7 @@ class SimpleViT(nn.Module):
         """(batch, dim) from the encoded sequence [class token, patches, registers]."""
         if self.pool == "cls":
             return x[:, 0]
-        patches = x[:, prefix: x.shape[1] - suffix] if suffix else x
+        patches = patch_tokens(x, prefix, suffix)
         return self.map_pool(patches) if self.map_pool is not None else patches.mean(dim=1)
 
 
