@@ -158,6 +158,17 @@ class SimpleViT(nn.Module):
     def forward(self, img: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
         """Logits of (batch, channels, H, W) images whose sides the patch size divides: the
         model's own size, or (FlexiViT, and images of another size) any other."""
+        return self.linear_head(self.features(img, patch_size))
+
+    def features(self, img: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """The pooled (batch, dim) features the head reads (what the probes of frozen features
+        classify)."""
+        return self.pooled(*self.encode(img, patch_size))
+
+    def encode(self, img: torch.Tensor, patch_size: int | None = None) -> tuple[torch.Tensor, int, int]:
+        """The encoded sequence (batch, tokens, dim) after the final LayerNorm, laid out as
+        [class token, patches, registers], and the number of tokens before and after the
+        patches."""
         size = patch_size or self.patch_size
         h, w = img.shape[-2] // size, img.shape[-1] // size
         step = size / self.patch_size  # where the patches lie, in the model's own patches
@@ -174,8 +185,7 @@ class SimpleViT(nn.Module):
         if self.register_tokens is not None:
             x = torch.cat((x, self.register_tokens.expand(x.shape[0], -1, -1).to(x.dtype)), dim=1)
         rope = self.rope(h, w, step, keep, prefix, suffix) if self.rope is not None else None
-        x = self.transformer(x, rope)
-        return self.linear_head(self.pooled(x, prefix, suffix))
+        return self.transformer(x, rope), prefix, suffix
 
     def pooled(self, x: torch.Tensor, prefix: int, suffix: int) -> torch.Tensor:
         """(batch, dim) from the encoded sequence [class token, patches, registers]."""
