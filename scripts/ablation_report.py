@@ -36,6 +36,7 @@ import yaml
 from matplotlib.figure import Figure
 from scipy.stats import ttest_ind_from_stats
 
+from vitlab.analysis import output_token_norms, plot_pos_emb_similarity
 from vitlab.budget import cpu_name
 from vitlab.models.position import posemb_sincos_2d
 from vitlab.results import group_stats, job_dirs, load_runs
@@ -152,35 +153,6 @@ def errorbar_figure(path: Path, title: str, series: dict[str, list[tuple[float, 
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=100)
     return path
-
-
-def plot_pos_emb_similarity(embeddings: dict[str, np.ndarray], grid: tuple[int, int], path: str | Path) -> Path:
-    """Cosine similarity of each patch's position embedding with every other patch's, one
-    panel per embedding (as in the ViT paper's Figure 7): panel (i, j) of a grid shows the
-    similarity of patch (i, j) with all patches, laid out as the image.
-
-    ``embeddings`` maps a label to an array of shape (rows * cols, dim), patches in row-major order.
-    """
-    rows, cols = grid
-    fig = Figure(figsize=(5.2 * len(embeddings), 5.6), layout="constrained")
-    fig.suptitle("position-embedding similarity: each tile is one patch's cosine similarity with all patches",
-                 fontsize="medium")
-    for subfig, (label, emb) in zip(np.atleast_1d(fig.subfigures(1, len(embeddings))), embeddings.items()):
-        emb = np.asarray(emb, dtype=np.float64)
-        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        similarity = unit @ unit.T
-        # One colour scale per embedding, from its lowest similarity to 1: the fixed sincos
-        # embedding of a small grid varies over a narrow range that a -1..1 scale would hide.
-        low = float(similarity.min())
-        subfig.suptitle(f"{label} (colour scale {low:.2f} to 1)")
-        axes = subfig.subplots(rows, cols, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
-        for index, ax in enumerate(np.asarray(axes).flat):
-            image = ax.imshow(similarity[index].reshape(rows, cols), vmin=low, vmax=1, cmap="viridis")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        subfig.colorbar(image, ax=subfig.axes, shrink=0.6, label="cosine similarity")
-    fig.savefig(path, dpi=100)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------- ablations
@@ -498,7 +470,6 @@ def measure_token_norms(checkpoint: Path, images: int = 256) -> dict:
 
     from vitlab.checkpoint import model_from_checkpoint
     from vitlab.eval import data_config
-    from vitlab.models.parts import patch_tokens
 
     module, info = model_from_checkpoint(checkpoint)
     net = module.net.eval()
@@ -506,14 +477,7 @@ def measure_token_norms(checkpoint: Path, images: int = 256) -> dict:
     datamodule = hydra.utils.instantiate(data)
     datamodule.setup("test")
     batch = datamodule.normalize(datamodule.test_set.images[:images])
-    seen = []
-    hook = net.transformer.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    with torch.no_grad():
-        net(batch)
-    hook.remove()
-    prefix = int(net.cls_token is not None)
-    suffix = len(net.register_tokens) if net.register_tokens is not None else 0
-    norms = patch_tokens(seen[0], prefix, suffix).norm(dim=-1).flatten()
+    norms = output_token_norms(net, batch).flatten()
     median, largest = float(norms.median()), float(norms.max())
     return {"images": images, "median": median, "max": largest, "max_over_median": largest / median}
 

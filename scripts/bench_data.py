@@ -9,7 +9,7 @@ classes, 350-500 x 300-420 px with a third in portrait, as most of ImageNet's, q
 unless ``--root`` already holds one, then times these paths on the same files, each with
 ``--workers`` workers (1 and 2):
 
-- seed:    the seed blog's loader: ``torchvision.datasets.ImageFolder`` with
+- seed:    a plain PyTorch loader: ``torchvision.datasets.ImageFolder`` with
            ``Compose([Resize((224, 224)), ToTensor()])`` in a shuffled ``DataLoader``;
 - vitlab:  ``ImageFolderDataModule(in_memory=False)``'s real training loader (torchvision
            decoding, the Inception crop of the ImageNet recipe and the flip in the workers);

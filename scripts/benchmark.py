@@ -6,7 +6,7 @@
     python scripts/benchmark.py --no-memory --breakdown   # and where a step's time goes (CPU)
     python scripts/benchmark.py --device cuda --skip seed --overrides trainer=gpu data=synthetic data.image_size=224 model=vit_s
 
-1. seed:    the reference: the seed blog's loop, lucidrains' ``vit_pytorch.SimpleViT`` (explicit
+1. seed:    the reference: a plain PyTorch training loop, lucidrains' ``vit_pytorch.SimpleViT`` (explicit
             attention, fp32, torch's default AdamW) fed by torchvision's FashionMNIST dataset with
             per-sample ``ToTensor``/``Normalize`` in a DataLoader.
 2. timm:    timm's ``VisionTransformer`` of the same size (mean pooling, no class token, no qkv

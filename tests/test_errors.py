@@ -6,6 +6,9 @@ The entry point runs in this process (tests/inprocess.py): every case fails befo
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,19 @@ def test_resume_into_a_folder_trained_with_other_settings(tmp_path, run_train):
     assert_short_failure(result, "model.dim: checkpoint 64, config 32", "or resume=false to train from scratch")
     assert torch.load(run / "last.ckpt", weights_only=True)["state_dict"].keys() == module.state_dict().keys()
 
+
+def test_an_error_while_the_progress_bar_draws_starts_its_own_line(tmp_path, data_dir):
+    """A run that diverges with the progress bar on: the bar (on stdout) keeps its line and the
+    one-line error (on stderr) starts the next, as a terminal showing both prints them."""
+    overrides = [o for o in SLICE if not o.startswith("trainer.enable_progress_bar=")]
+    env = {**os.environ, "VITLAB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    env.pop("VITLAB_OUTPUT_DIR", None)
+    result = subprocess.run([sys.executable, "-m", "vitlab.train", *overrides, "trainer.enable_progress_bar=true",
+                             "optimizer.lr=1e6", "module.label_smoothing=0", "trainer.max_epochs=1", "torch_threads=1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    out = result.stdout  # bytes: a bar redraws its line after a carriage return, not a newline
+    assert result.returncode == 1, out[-3000:]
+    before, error, _ = out.partition(b"error: FloatingPointError: train/loss is nan")
+    assert error, out[-3000:]
+    assert b"Epoch 0:" in before.rstrip(b"\n").rpartition(b"\n")[2], "the bar was drawing"
+    assert before.endswith(b"\n"), f"the error starts its own line, not the bar's: {before[-200:]!r}"

@@ -53,12 +53,25 @@ def _log_to_files(text: str) -> str | None:
     return files[0].baseFilename if files else None
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars still open (Lightning's tqdm bars, which an exception leaves in the
+    middle of a line): each ends its line, so that a message printed next starts its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot be drawn any more is left as it is
+            pass
+    sys.stdout.flush()
+
+
 def entry_point(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The failure policy of every ``python -m vitlab.<command>``, around its Hydra task: a user
     error prints ``error: <reason>`` and the log file that keeps the traceback, exit status 1; in
     a multirun a failed job is logged and the sweep goes on (``vitlab.sweep`` exits non-zero at
     the end); SIGTERM (preemption) exits with 143, naming how to resume; anything else is a bug
-    and keeps its traceback."""
+    and keeps its traceback. A progress bar still drawing is closed first: the message starts
+    its own line."""
 
     @functools.wraps(task)
     def run(cfg):
@@ -69,11 +82,13 @@ def entry_point(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
         try:
             return task(cfg)
         except SIGTERMException:
+            close_progress_bars()
             last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
             hint = f"; resume with the same name=/sweep= or ckpt_path={last}" if last.is_file() else ""
             print(f"interrupted by SIGTERM{hint}", file=sys.stderr)
             sys.exit(143)
         except Exception as error:
+            close_progress_bars()
             root, reason = failure_reason(error)
             multirun = HydraConfig.get().mode == RunMode.MULTIRUN
             if not (multirun or isinstance(root, USER_ERRORS)):

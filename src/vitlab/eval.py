@@ -7,6 +7,12 @@ safely (``vitlab.checkpoint``); Lightning's ``trainer.test`` computes ``test/acc
 ``test/loss``, and a callback collects the confusion matrix. Written to the eval's own folder
 (``outputs/eval/<date>/<time>/``): ``metrics.json``, ``confusion_matrix.csv`` and ``.png``,
 ``per_class_accuracy.csv``; a run tracked in MLflow gets these under its ``eval/`` artifacts.
+
+``probe=true`` also runs the probes of the frozen features (``vitlab.probe``: kNN and few-shot
+linear classifiers fitted on the training split of the data, scored on its validation split),
+on any dataset whose images the model reads: ``data=mnist`` on a Fashion-MNIST model measures
+how its features transfer. A dataset with another number of classes than the model's head is
+probed only (the test, which needs the head, is skipped).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from vitlab import tracking
 from vitlab.checkpoint import check_targets, model_from_checkpoint
 from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
 from vitlab.errors import entry_point
+from vitlab.probe import eval_probe, probe_network
 from vitlab.rundir import METRICS_FILE, write_json
 
 log = logging.getLogger(__name__)
@@ -78,15 +85,20 @@ def data_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def check_shapes(datamodule, model_cfg: dict[str, Any]) -> None:
+def check_shapes(datamodule, model_cfg: dict[str, Any], probe: bool = False) -> bool:
+    """Refuse data the model cannot read; returns whether its classes are the head's (with
+    ``probe``, other classes are allowed: only the probes run)."""
     want = (model_cfg.get("image_size"), model_cfg.get("channels"), model_cfg.get("num_classes"))
     have = (datamodule.image_size, datamodule.channels, datamodule.num_classes)
+    if probe and want[:2] == have[:2]:
+        return want[2] == have[2]
     if want != have:
         raise ValueError(
             f"the checkpoint's model takes {want[1]}-channel {want[0]}x{want[0]} images in {want[2]} classes, "
             f"but the data gives {have[1]}-channel {have[0]}x{have[0]} images in {have[2]} classes: "
             f"choose data= (and data.image_size=, data.channels=) to match."
         )
+    return True
 
 
 def write_reports(out: Path, confusion: ConfusionMatrix, classes: list[str]) -> pd.DataFrame:
@@ -113,6 +125,8 @@ def write_reports(out: Path, confusion: ConfusionMatrix, classes: list[str]) -> 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is not set: python -m vitlab.eval ckpt_path=<run folder>/checkpoints/last.ckpt")
+    if not isinstance(cfg.get("probe", False), bool):
+        raise ValueError(f"probe={cfg.probe!r} must be true (also run the probes of the frozen features) or false.")
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg.torch_threads)
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -122,30 +136,53 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"),
                                          test_image_sizes=list(cfg.get("image_sizes") or ()),
                                          test_patch_sizes=list(patch_sizes) if patch_sizes is not None else None)
+    # Settings and the network's pooled features checked before anything runs.
+    probe = eval_probe(module.net, cfg.probe_settings) if cfg.get("probe") else None
     data = data_config(cfg, info)
     datamodule = hydra.utils.instantiate(data)
-    check_shapes(datamodule, info["model"])
-    confusion = ConfusionMatrix(datamodule.num_classes)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[confusion], enable_checkpointing=False,
-                                      enable_model_summary=False)
-    results = trainer.test(module, datamodule=datamodule)[0]
+    same_classes = check_shapes(datamodule, info["model"], probe=probe is not None)
     metrics: dict[str, Any] = {
         "status": "completed",
         "ckpt_path": str(Path(cfg.ckpt_path).expanduser().resolve()),
         "data": data.get("_target_"),
-        "test_hflip": module.test_hflip,
-        "test_split_size": int(confusion.matrix.sum()),
-        **{key: float(value) for key, value in results.items()},
     }
+    confusion = ConfusionMatrix(datamodule.num_classes)
+    trainer = None
+    if same_classes:
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[confusion], enable_checkpointing=False,
+                                          enable_model_summary=False)
+        results = trainer.test(module, datamodule=datamodule)[0]
+        metrics.update({"test_hflip": module.test_hflip, "test_split_size": int(confusion.matrix.sum()),
+                        **{key: float(value) for key, value in results.items()}})
+    else:
+        log.info(f"the data has {datamodule.num_classes} classes and the model's head "
+                 f"{info['model'].get('num_classes')}: probes only, no test")
+        metrics["test_skipped"] = "the data's classes are not the model's"
+    if probe is not None:
+        prober = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[probe], enable_checkpointing=False,
+                                         enable_model_summary=False)
+        metrics.update(probe_network(module.net, datamodule, prober, probe))
+        metrics["probe_settings"] = {"split": "val", **probe.counts, "k": probe.k, "temperature": probe.temperature,
+                                     "shots": probe.shots, "draws": probe.draws, "l2_reg": probe.l2_reg,
+                                     "seed": probe.seed}
+        trainer = trainer or prober
     if trainer.is_global_zero:
-        per_class = write_reports(out, confusion, list(datamodule.class_names))
-        rows = per_class[["class", "accuracy", "count"]].values
-        metrics["per_class_accuracy"] = {c: float(a) if n else None for c, a, n in rows}
+        written = "metrics.json"
+        if same_classes:
+            per_class = write_reports(out, confusion, list(datamodule.class_names))
+            rows = per_class[["class", "accuracy", "count"]].values
+            metrics["per_class_accuracy"] = {c: float(a) if n else None for c, a, n in rows}
+            written += ", confusion_matrix.csv/.png and per_class_accuracy.csv"
         write_json(out / METRICS_FILE, metrics)
         tracking.eval_ended(info.get("tracking"), out)
-        variants = "".join(f", {key} {value:.4f}" for key, value in metrics.items() if key.startswith("test/acc@"))
-        log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f}{variants} on {metrics['test_split_size']} images; "
-                 f"metrics.json, confusion_matrix.csv/.png and per_class_accuracy.csv in {out}")
+        if same_classes:
+            variants = "".join(f", {key} {value:.4f}" for key, value in metrics.items() if key.startswith("test/acc@"))
+            log.info(f"test/acc {metrics.get('test/acc', float('nan')):.4f}{variants} on {metrics['test_split_size']} "
+                     f"images")
+        if probe is not None:
+            log.info("probes: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()
+                                            if key.startswith("probe/")))
+        log.info(f"{written} in {out}")
     return metrics
 
 

@@ -14,7 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.optim import param_groups_layer_decay
 from torchmetrics.classification import MulticlassAccuracy
+
+from vitlab.transfer import classifier, head_parameter_names
+
+#: ``module.freeze``: train everything, or the head alone on a frozen backbone.
+FREEZE = ("none", "backbone")
 
 
 def flexi_patch_size(sizes: Sequence[int], seed: int, step: int) -> int:
@@ -37,12 +43,14 @@ class ImageClassifier(L.LightningModule):
         seed: int = 0,
         test_image_sizes: Sequence[int] = (),
         test_patch_sizes: Sequence[int] | None = (),
+        layer_decay: float | None = None,
+        freeze: str = "none",
     ):
         super().__init__()
         # The network's own config is saved by the run (config.yaml); keep the checkpoint's
         # hyperparameters to plain values.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "pad_eval_batches", "test_image_sizes",
-                                          "test_patch_sizes"])
+                                          "test_patch_sizes", "layer_decay", "freeze"])
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -63,6 +71,27 @@ class ImageClassifier(L.LightningModule):
         self.test_variants.update({f"p{size}": {"patch_size": int(size)} for size in test_patch_sizes or ()})
         self.variant_acc = nn.ModuleDict({name: MulticlassAccuracy(num_classes=num_classes, average="micro")
                                           for name in self.test_variants})
+        # Fine-tuning: layer-wise learning-rate decay, and a frozen backbone (a linear probe).
+        if layer_decay is not None and (isinstance(layer_decay, bool) or not 0 < layer_decay <= 1):
+            raise ValueError(f"module.layer_decay={layer_decay!r} must be null (off) or in (0, 1], e.g. 0.75: block i "
+                             f"of n learns at lr x layer_decay^(n + 1 - i).")
+        if freeze not in FREEZE:
+            raise ValueError(f"module.freeze={freeze!r} is not one of {', '.join(FREEZE)}: backbone trains the "
+                             f"head alone (a linear probe).")
+        self.layer_decay, self.freeze = layer_decay, freeze
+        if freeze == "backbone":
+            head = head_parameter_names(net)
+            for name, param in net.named_parameters():
+                param.requires_grad_(name in head)
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        # A frozen backbone stays in evaluation mode (no dropout, patch dropout or drop path):
+        # the linear probe reads the features the network gives at test time.
+        super().train(mode)
+        if self.freeze == "backbone":
+            self.net.eval()
+            classifier(self.net).train(mode)
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         sizes = getattr(self.net, "flexi_patch_sizes", None)
@@ -120,8 +149,9 @@ class ImageClassifier(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        # Both parameter groups follow one schedule: log it once, as train/lr.
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        # Every parameter group follows one schedule: log it once, as train/lr (with layer decay,
+        # the head's, which has the full rate).
+        lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
         self.log("train/lr", lr, on_step=True, on_epoch=False)
         loss, _ = self._shared_step(batch, "train", self.train_acc)
         if not torch.isfinite(loss):
@@ -145,8 +175,17 @@ class ImageClassifier(L.LightningModule):
         return self.test_logits(images)
 
     def parameter_groups(self) -> list[dict]:
-        """Weight decay on weight matrices only: not on norms, biases or embeddings."""
+        """Weight decay on weight matrices only: not on norms, biases or embeddings. With
+        ``layer_decay``, timm's layer-wise groups (BEiT's scheme; the network's ``group_matcher``
+        orders its parameters by depth), each with its ``lr_scale``."""
         no_decay_names = getattr(self.net, "no_weight_decay", lambda: set())()
+        if self.layer_decay is not None:
+            groups = param_groups_layer_decay(self.net, no_weight_decay_list=no_decay_names,
+                                              layer_decay=self.layer_decay)
+            for group in groups:
+                if group["weight_decay"]:
+                    del group["weight_decay"]  # the optimizer's own weight decay, as without layer decay
+            return groups
         decay, no_decay = [], []
         for name, param in self.net.named_parameters():
             if not param.requires_grad:
@@ -161,6 +200,9 @@ class ImageClassifier(L.LightningModule):
             # mixed precision: clipping takes the plain (foreach) step.
             options["fused"] = False
         optimizer = self.optimizer_factory(self.parameter_groups(), **options)
+        for group in optimizer.param_groups:
+            # Layer decay: a group's rate is scaled before the schedule records it as its base.
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))

@@ -101,6 +101,8 @@ class RunRecord(L.Callback):
         self.writer = rank_zero_only.rank == 0
         self.trainer: L.Trainer | None = None
         self._loss_sum, self._losses = None, 0
+        #: Metrics of this epoch from callbacks that do not run every epoch (``add_epoch_metrics``).
+        self._epoch_metrics: dict[str, float] = {}
 
     @property
     def completed(self) -> bool:
@@ -122,6 +124,11 @@ class RunRecord(L.Callback):
         self.start = time.time() - float(self.previous.get("wall_time_s", 0.0))
         self.payload = {"status": "running", "seed": self.cfg.get("seed"), "tags": list(self.cfg.get("tags") or []),
                         "history": list(self.previous.get("history") or [])}
+        if "init_from" in self.previous:  # a resumed fine-tuning run keeps what its first attempt loaded
+            self.payload["init_from"] = self.previous["init_from"]
+        if self.previous.get("tracking") and self.last_checkpoint and not self.cfg.get("ckpt_path"):
+            # Resumed from this folder: its trackers continue the runs named here (vitlab.tracking).
+            self.payload["tracking"] = self.previous["tracking"]
         self.save_config()
         return self
 
@@ -149,6 +156,11 @@ class RunRecord(L.Callback):
         if self.writer:
             self.dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.dir / "config.yaml", resolve=True)
+        self.save()
+
+    def set_init(self, init: dict[str, Any]) -> None:
+        """What fine-tuning (``init_from``) loaded, reset and resampled."""
+        self.payload["init_from"] = init
         self.save()
 
     def set_budget(self, plan: dict[str, Any]) -> None:
@@ -197,13 +209,23 @@ class RunRecord(L.Callback):
         self.trainer = trainer
         if stage == "fit" and self.writer:
             tracking.run_started(trainer.loggers, self.cfg)
+            if ids := tracking.run_ids(trainer.loggers):
+                self.payload["tracking"] = ids
+                self.save()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed fit restarts at the checkpoint's epoch: later epochs of the history go.
         self.payload["history"] = [h for h in self.payload["history"] if h.get("epoch", 0) <= trainer.current_epoch]
 
+    def add_epoch_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics a callback computed in this epoch but not in every epoch (the probes of frozen
+        features, ``vitlab.probe``): into this epoch's history entry and, as the latest values,
+        the top level. (``trainer.callback_metrics`` would repeat them in the epochs between.)"""
+        self._epoch_metrics.update(metrics)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._loss_sum, self._losses = None, 0
+        self._epoch_metrics = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -217,6 +239,8 @@ class RunRecord(L.Callback):
             entry["train/loss"] = float(self._loss_sum) / self._losses
         metrics = trainer.callback_metrics
         entry.update({key: float(metrics[key]) for key in HISTORY_KEYS if key in metrics})
+        entry.update(self._epoch_metrics)
+        self.payload.update(self._epoch_metrics)
         self.payload["history"].append(entry)
         self.save()
 

@@ -4,6 +4,7 @@ and the tests read results through here (no torch, no matplotlib: it stays light
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from pandas.api.types import is_bool, is_number
 
 from vitlab.rundir import METRICS_FILE, read_metrics
+
+#: What ``python -m vitlab.analyze`` writes into its own folder (one per analysed checkpoint).
+ANALYSIS_FILE = "analysis.json"
 
 #: metrics.json field -> column, in column order (summary.csv: the job, the swept keys, these).
 FIELDS = {field: field.replace("/", "_") for field in (
@@ -73,13 +77,43 @@ def _record(job: Path) -> dict[str, Any]:
     return row | {"status": row["status"] or "unknown"} | {k: v for k, v in metrics.items() if k not in FIELDS}
 
 
-def load_runs(runs: str | Path | Iterable[str | Path], keys: Sequence[str] = ()) -> pd.DataFrame:
+def analyses(folders: str | Path | Iterable[str | Path]) -> dict[Path, dict[str, Any]]:
+    """``{run folder: summary}`` of the ``vitlab.analyze`` results below ``folders`` (at any depth):
+    each ``analysis.json`` names the run folder its checkpoint came from (``run_dir``) and holds a
+    ``summary`` of scalars. Where a run was analysed more than once, the newest file wins."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    found: dict[Path, tuple[float, dict[str, Any]]] = {}
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"analysis={folder} is not a folder: name the folder python -m vitlab.analyze "
+                                    f"wrote (outputs/analyze/<date>/<time>, or outputs/analyze to search them all).")
+        for path in folder.rglob(ANALYSIS_FILE):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(record, dict) or not record.get("run_dir") or not isinstance(record.get("summary"), dict):
+                continue  # a sweep's own record, or not an analysis
+            run, when = Path(record["run_dir"]).resolve(), path.stat().st_mtime
+            if run not in found or when > found[run][0]:
+                found[run] = (when, record["summary"])
+    return {run: summary for run, (_, summary) in found.items()}
+
+
+def load_runs(runs: str | Path | Iterable[str | Path], keys: Sequence[str] = (),
+              analysis: str | Path | Iterable[str | Path] | None = None) -> pd.DataFrame:
     """A row per job: ``job`` (its folder's name), the swept keys, the ``FIELDS`` columns, the other
     fields of metrics.json (``history``, ...), and ``dir``.
 
     ``runs`` is a sweep folder (its job folders) or any run folders. The swept keys are ``keys``,
     then those swept on the sweep's command line (known before every job has run), then any other
     override that differs between the jobs (e.g. a sweeper's choice); ``key_columns`` names them.
+
+    ``analysis``: folders written by ``python -m vitlab.analyze`` (``sweep=`` or ``ckpt_path=``), which
+    never writes into the run folders; the ``summary`` of the analysis of each job's checkpoint
+    (``analyses``) adds its columns (``mean_attention_distance``, ``token_norm_max_over_median``, ...)
+    after the metrics.json fields, missing for a job not analysed. None (the default) adds nothing.
     """
     if isinstance(runs, (str, Path)):
         dirs, keys = job_dirs(Path(runs)), [*keys, *swept_keys(sweep_overrides(Path(runs)))]
@@ -89,10 +123,15 @@ def load_runs(runs: str | Path | Iterable[str | Path], keys: Sequence[str] = ())
     known = [o for o in overrides if o]  # a job folder without .hydra/ says nothing
     varying = [k for k in dict.fromkeys(k for o in known for k in o) if len({repr(o.get(k)) for o in known}) > 1]
     keys = list(dict.fromkeys([*keys, *varying]))
+    found = analyses(analysis) if analysis is not None else {}
+    names = list(dict.fromkeys(k for summary in found.values() for k in summary))
     rows = []
     for run, o in zip(dirs, overrides):
         row = {"job": run.name} | {k: o.get(k) for k in keys}  # a key's value is the override's (metrics.json has seed)
-        rows.append(row | {k: v for k, v in _record(run).items() if k not in row} | {"dir": run})
+        row |= {k: v for k, v in _record(run).items() if k not in row}
+        summary = found.get(run.resolve(), {})
+        row |= {k: summary.get(k) for k in names if k not in row}
+        rows.append(row | {"dir": run})
     # Built from Python objects, then typed per column: ints stay ints (Int64) beside missing values.
     return pd.DataFrame(rows, dtype=object).convert_dtypes()
 
@@ -142,8 +181,14 @@ INCIDENTAL = {
 NEUTRAL = {
     "model": {"reg_tokens": 0, "qk_norm": False, "layer_scale": None, "mlp": "gelu", "patch_dropout": 0.0,
               "patch_norm": True, "flexi_patch_sizes": None},
-    "module": {"test_image_sizes": [], "test_patch_sizes": None},
+    "module": {"test_image_sizes": [], "test_patch_sizes": None, "layer_decay": None, "freeze": "none"},
+    "data": {"train_subset": None},
+    # Top-level fields: fine-tuning's start.
+    "": {"init_from": None, "init": {"head": "reset"}},
 }
+#: Top-level sections that decide nothing while off: the probes of frozen features (they add
+#: metrics, never change training).
+NEUTRAL_SECTIONS = {"probe": lambda section: section.get("every_n_epochs") is None}
 
 
 def deciding_config(config: dict) -> dict:
@@ -152,9 +197,11 @@ def deciding_config(config: dict) -> dict:
     def plain(node):
         return {k: plain(v) for k, v in node.items() if k != "_convert_"} if isinstance(node, dict) else node
 
-    config = {k: v for k, v in plain(config).items() if k not in INCIDENTAL[""]}
+    config = {k: v for k, v in plain(config).items() if k not in INCIDENTAL[""]
+              and not (k in NEUTRAL[""] and v == NEUTRAL[""][k])
+              and not (k in NEUTRAL_SECTIONS and isinstance(v, dict) and NEUTRAL_SECTIONS[k](v))}
     for section, fields in NEUTRAL.items():
-        if isinstance(config.get(section), dict):
+        if section and isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items()
                                if not (k in fields and (v == fields[k] or v in ([], None) and fields[k] in ([], None)))}
     if isinstance(config.get("module"), dict) and config["module"].get("seed") == config.get("seed"):

@@ -28,6 +28,7 @@ from vitlab.errors import entry_point
 from vitlab.records import RunRecord
 from vitlab.results import identical_run
 from vitlab.sweep import sweep_job
+from vitlab.transfer import init_from_checkpoint
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -123,6 +124,9 @@ def train(cfg: DictConfig) -> dict:
         log.info(f"{same} completed the same run (the same config but folders, names and threads): its results "
                  f"are taken, not trained again (reuse=null trains it).")
         return record.reuse(same)
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} resumes a run and init_from={cfg.init_from} starts a new one from "
+                         f"its weights: set only one of them.")
     # Continue an interrupted attempt in this folder from its last checkpoint.
     resuming = not cfg.get("ckpt_path") and cfg.resume and record.last_checkpoint is not None
     ckpt_path = cfg.get("ckpt_path") or (record.last_checkpoint if cfg.resume else None)
@@ -133,10 +137,17 @@ def train(cfg: DictConfig) -> dict:
         datamodule, module, trainer = build(cfg, (RNGState(), ValidateLastStep()), record)
         # Every checkpoint describes its run, for eval and predict.
         trainer.callbacks.append(RunInfo(cfg, datamodule))
+        # Probes of the frozen features (probe.every_n_epochs), beside the default callbacks; a
+        # network without pooled features stops the run here, before it trains.
+        from vitlab.probe import probe_callbacks
+
+        trainer.callbacks.extend(probe_callbacks(cfg.get("probe"), module.net))
         if checkpoint is not None:
             fix = "pass this run's settings again, or resume=false to train from scratch" if resuming else None
             check_compatible(checkpoint, ckpt_path, cfg.model, module, name="ckpt_path", fix=fix)
             del checkpoint
+        elif cfg.get("init_from"):
+            record.set_init(init_from_checkpoint(module.net, cfg.init_from, cfg.model, head=cfg.init.head))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if cfg.get("test") and not trainer.interrupted:
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)

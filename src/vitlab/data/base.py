@@ -64,6 +64,26 @@ def split(dataset: InMemoryImages, val_size: int, seed: int) -> tuple[InMemoryIm
     return InMemoryImages(images[train], labels[train]), InMemoryImages(images[val], labels[val])
 
 
+def subset(dataset: InMemoryImages, size: int, seed: int) -> InMemoryImages:
+    """``size`` images of the dataset, as many of each class as can be (the first of a seeded
+    shuffle within each class; the remainder, if ``size`` does not divide evenly, by the same
+    shuffle), kept in the dataset's order: a few-label training split that is the same for
+    every run with this seed."""
+    if size > len(dataset):
+        raise ValueError(f"data.train_subset={size} is more than the {len(dataset)} training images: choose at most "
+                         f"{len(dataset)}, or null for all of them.")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    labels = dataset.labels[order]
+    # Rank of each image within its class in the shuffled order: take the lowest ranks first.
+    rank = torch.empty_like(labels)
+    for label in labels.unique():
+        where = (labels == label).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    chosen = order[torch.sort(rank * len(dataset) + torch.arange(len(dataset)), stable=True).indices[:size]]
+    chosen = chosen.sort().values
+    return InMemoryImages(dataset.images[chosen], dataset.labels[chosen])
+
+
 class InMemoryImageDataModule(L.LightningDataModule):
     """Shared loaders and on-device normalisation.
 
@@ -171,14 +191,22 @@ class OfficialSplitDataModule(InMemoryImageDataModule):
     subclass's ``_load(train)``: the train set split (seeded) into train and validation, the
     test set as the test split."""
 
-    def __init__(self, *, data_dir: str, val_size: int = 5000, split_seed: int = 0, download: bool = True, **kwargs):
+    def __init__(self, *, data_dir: str, val_size: int = 5000, split_seed: int = 0, download: bool = True,
+                 train_subset: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        if train_subset is not None and (isinstance(train_subset, bool) or not isinstance(train_subset, int)
+                                         or train_subset <= 0):
+            raise ValueError(f"data.train_subset={train_subset!r} must be null (the whole training split) or a "
+                             f"positive number of labelled training images, e.g. 1000.")
         self.data_dir = Path(data_dir).expanduser()
         self.val_size, self.split_seed, self.download = val_size, split_seed, download
+        self.train_subset = train_subset
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             self.train_set, self.val_set = split(self._load(train=True), self.val_size, self.split_seed)
+            if self.train_subset is not None:
+                self.train_set = subset(self.train_set, self.train_subset, self.split_seed)
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._load(train=False)
 

@@ -6,6 +6,9 @@ checkpoint keys); the forward reads the same with any of them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -117,4 +120,48 @@ class Attention(nn.Module):
         return self.dropout(self.layer_scale(self.to_out(rearrange(out, "b h n d -> b n (h d)"))))
 
 
-__all__ = ["ATTENTIONS", "Attention", "CPU_CHUNK_BYTES", "chunked_attention", "explicit_attention"]
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys, in fp32: (..., n, n) from (..., n, d) queries and keys."""
+    return (q.float() @ k.float().transpose(-1, -2) * scale).softmax(dim=-1)
+
+
+@contextmanager
+def recording_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Read the attention weights of every ``Attention`` module of ``model`` while inside the block.
+
+    Yields a list that each forward of an ``Attention`` module appends its weights to, as a
+    (batch, heads, n, n) fp32 tensor without gradient, in call order: one forward of a SimpleViT
+    appends block 0, 1, ..., depth - 1. The weights are recomputed by a forward hook from
+    ``Attention.qkv(x, rope)`` (queries and keys normed and rotated exactly as the module's own
+    forward uses them), so they are the same whichever kernel the module runs (``math``, ``sdpa``,
+    which returns no weights, or ``auto``): the module's output before ``to_out`` is these weights
+    times its values (``tests/test_analyze.py``). The hooks exist only inside the block, so training
+    and evaluation outside it run exactly as before; inside it each block computes q and k twice.
+
+        with recording_attention(net) as maps:
+            net(images)
+        last = maps[-1].mean(dim=1)  # the last block's attention, averaged over heads
+    """
+    modules = [module for module in model.modules() if isinstance(module, Attention)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no vitlab attention module (vitlab.models.attention.Attention) "
+                         f"to read attention from: analyse a vitlab SimpleViT (model=simple_vit or one of its sizes).")
+    maps: list[torch.Tensor] = []
+
+    def record(module: Attention, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        x = args[0] if args else kwargs["x"]
+        rope = args[1] if len(args) > 1 else kwargs.get("rope")
+        with torch.no_grad():
+            q, k, _ = module.qkv(x, rope)
+            maps.append(attention_weights(q, k, module.scale))
+
+    handles = [module.register_forward_hook(record, with_kwargs=True) for module in modules]
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+__all__ = ["ATTENTIONS", "Attention", "CPU_CHUNK_BYTES", "attention_weights", "chunked_attention",
+           "explicit_attention", "recording_attention"]

@@ -150,6 +150,18 @@ class SimpleViT(nn.Module):
             # the initial loss is exactly log(num_classes).
             nn.init.zeros_(self.linear_head.weight)
 
+    def get_classifier(self) -> nn.Module:
+        """The classification head (timm's name for it): what fine-tuning resets and a linear
+        probe trains."""
+        return self.linear_head
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameters by depth, in timm's convention (used by its layer-wise learning-rate decay):
+        the embeddings (patch, position, class and register tokens, RoPE frequencies) first, then
+        each block, the final norm with the last block; the rest (MAP head, linear head) last."""
+        return {"stem": r"^to_patch_embedding|^pos_embedding|^cls_token|^register_tokens|^rope\.",
+                "blocks": [(r"^transformer\.layers\.(\d+)\.", None), (r"^transformer\.norm\.", (99999,))]}
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names that are embeddings (besides norms and biases, found by shape)."""
         names = {"pos_embedding", "cls_token", "register_tokens", "rope.freqs", "map_pool.latent"}
