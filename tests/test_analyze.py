@@ -21,6 +21,7 @@ from vitlab.analyze import main as analyze_main
 from vitlab.models import SimpleViT
 from vitlab.models.attention import Attention, recording_attention
 from vitlab.results import load_runs
+from vitlab.summarize import main as summarize_main
 
 TINY = ("model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "model.mlp_dim=64", "torch_threads=1",
         "trainer.enable_progress_bar=false", "logger=none")
@@ -285,6 +286,10 @@ def test_analyze_a_sweep_puts_the_jobs_side_by_side_and_into_the_summary(tiny_sw
     assert summary[0].startswith("job,model.reg_tokens,status,test_acc,mean_attention_distance") and len(summary) == 3
     assert "mean_attention_distance" in (out / "summary.md").read_text()
     assert listing(sweep) == before, "nothing is written into the sweep's folders"
+    # python -m vitlab.summarize <sweep> --analysis <folder>: the numbers as columns of the sweep's own tables.
+    assert summarize_main([str(sweep), "--analysis", str(out)]) == 0
+    assert "mean_attention_distance" in (sweep / "summary.md").read_text()
+    assert "mean_attention_distance" in (sweep / "summary.csv").read_text().splitlines()[0]
 
 
 def test_bad_input_is_named_in_one_line(tiny_sweep, data_dir, tmp_path, monkeypatch, capsys):

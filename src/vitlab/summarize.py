@@ -17,7 +17,7 @@ import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from vitlab.plots import plot_metric_vs_params, plot_run_curves, plot_sweep_curves
-from vitlab.results import FIELDS, STATS, group_stats, job_dirs, key_columns, load_runs, sweep_overrides
+from vitlab.results import FIELDS, STATS, analyses, group_stats, job_dirs, key_columns, load_runs, sweep_overrides
 from vitlab.rundir import METRICS_FILE
 
 #: Number formats of the Markdown tables (the CSV keeps full precision).
@@ -31,7 +31,9 @@ class SweepNotFound(Exception):
 def fmt(value: Any, column: str = "") -> str:
     if pd.isna(value):
         return "–"
-    return format(value, FORMATS[column]) if isinstance(value, float) and column in FORMATS else str(value)
+    if isinstance(value, float):
+        return format(value, FORMATS.get(column, ".4g"))
+    return str(value)
 
 
 def fmt_stat(stats: pd.Series, metric: str) -> str:
@@ -48,10 +50,10 @@ def markdown(table: pd.DataFrame) -> str:
     return table.map(lambda cell: str(cell).replace("|", "\\|")).to_markdown(index=False, disable_numparse=True)
 
 
-def grouped_table(stats: pd.DataFrame, keys: list[str]) -> str:
+def grouped_table(stats: pd.DataFrame, keys: list[str], metrics: list[str] = STATS) -> str:
     table = stats[keys].apply(lambda column: column.map(fmt))
     table["completed"] = stats["completed"].astype(str) + "/" + stats["jobs"].astype(str)
-    for m in STATS:
+    for m in metrics:
         table[m] = [fmt_stat(row, m) for _, row in stats.iterrows()]
     return markdown(table)
 
@@ -66,25 +68,29 @@ def write_plots(sweep_dir: Path, runs: pd.DataFrame, stats: pd.DataFrame, numeri
     return [p for p in plots if p is not None]
 
 
-def summarize(sweep_dir: str | Path) -> pd.DataFrame:
+def summarize(sweep_dir: str | Path, analysis: str | Path | None = None) -> pd.DataFrame:
     """Write the sweep's tables and plots, print the grouped table; returns the jobs
-    (``vitlab.results.load_runs``)."""
+    (``vitlab.results.load_runs``). ``analysis``: a folder of ``python -m vitlab.analyze``
+    results, whose scalar numbers for the jobs (``mean_attention_distance``, ...) become columns of
+    both tables."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepNotFound(f"{sweep_dir} is not a folder.")
     if not job_dirs(sweep_dir):
         raise SweepNotFound(f"{sweep_dir} has no job folders (subfolders with {METRICS_FILE} or .hydra/).")
 
-    runs = load_runs(sweep_dir)
+    runs = load_runs(sweep_dir, analysis=analysis)
     keys = key_columns(runs)
     group_keys = [k for k in keys if k != "seed"]
-    stats = group_stats(runs, group_keys)
+    found = {k for summary in analyses(analysis).values() for k in summary} if analysis is not None else set()
+    extra = [k for k in runs.columns if k in found and is_numeric_dtype(runs[k]) and runs[k].notna().any()]
+    stats = group_stats(runs, group_keys, [*STATS, *extra])
     numeric = [k for k in group_keys if is_numeric_dtype(runs[k]) and not is_bool_dtype(runs[k]) and runs[k].notna().any()]
     plots = write_plots(sweep_dir, runs, stats, numeric)
 
-    jobs = runs[["job", *keys, *FIELDS.values()]]
+    jobs = runs[["job", *keys, *FIELDS.values(), *extra]]
     jobs.to_csv(sweep_dir / "summary.csv", index=False)
-    grouped = grouped_table(stats, group_keys)
+    grouped = grouped_table(stats, group_keys, [*STATS, *extra])
     counts = runs["status"].value_counts().sort_index()
     status_line = f"{len(runs)} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items())
     task = sweep_overrides(sweep_dir)
@@ -109,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m vitlab.summarize", description="Write a multirun's summary tables and plots into its folder."
     )
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/multirun/2026-01-31/12-00-00")
+    parser.add_argument("--analysis", type=Path, default=None,
+                        help="a folder of python -m vitlab.analyze results (e.g. outputs/analyze): their numbers "
+                             "for the sweep's jobs become columns")
     args = parser.parse_args(argv)
     try:
-        summarize(args.sweep_dir)
-    except SweepNotFound as error:
+        summarize(args.sweep_dir, args.analysis)
+    except (SweepNotFound, FileNotFoundError) as error:
         parser.exit(1, f"{error}\n")
     return 0
 
