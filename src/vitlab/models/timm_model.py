@@ -1,0 +1,78 @@
+"""Any timm model as vitlab's network (``model=timm model.name=<timm name>``).
+
+``create`` builds it through ``timm.create_model`` with the image size, channels and classes of
+the data config, so a timm model trains, records its parameters and FLOPs, checkpoints, resumes,
+evaluates and predicts like SimpleViT. What vitlab decides before training, in one line each: an
+unknown name, a patch size that does not divide the image, a model that takes no image size or
+patch size, and pretrained weights that cannot be fetched (no network).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def create(*, name: str, image_size: int, channels: int, num_classes: int, patch_size: int | None = None,
+           pretrained: bool = False, checkpoint_path: str | None = None, kwargs: dict[str, Any] | None = None
+           ) -> nn.Module:
+    """``timm.create_model(name, img_size=image_size, in_chans=channels, num_classes=num_classes,
+    patch_size=patch_size, pretrained=..., checkpoint_path=..., **kwargs)``; ``patch_size`` null
+    keeps the name's own, and a model without an image size (a CNN) is built without it."""
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"model.name={name!r} is not a timm model: list them with python -c \"import timm; "
+                         f"print(timm.list_models('*vit*'))\".{hint}")
+    options = dict(kwargs or {})
+    if patch_size is not None:
+        options["patch_size"] = patch_size
+    options |= {"img_size": image_size, "in_chans": channels, "num_classes": num_classes}
+    if checkpoint_path:
+        options["checkpoint_path"] = str(checkpoint_path)
+    try:
+        try:
+            net = timm.create_model(name, pretrained=bool(pretrained), **options)
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+            # A model with no fixed input size (a CNN) reads any image as it is.
+            net = timm.create_model(name, pretrained=bool(pretrained), **{k: v for k, v in options.items()
+                                                                           if k != "img_size"})
+    except TypeError as error:
+        if "patch_size" in str(error):
+            raise ValueError(f"model.patch_size={patch_size}: {name} takes no patch size (it is not a patch-based "
+                             f"model): set model.patch_size=null.") from None
+        raise ValueError(f"model.kwargs={dict(kwargs or {})} do not fit {name}: {_first_line(error)}.") from None
+    except (OSError, RuntimeError, ValueError) as error:
+        if not pretrained:
+            raise
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        where = (getattr(cfg, "hf_hub_id", None) and f"the Hugging Face Hub ({cfg.hf_hub_id})") or \
+            (getattr(cfg, "url", None) or "nowhere: the name has no pretrained weights")
+        raise ValueError(f"model.pretrained=true: timm could not fetch the weights of {name} from {where} "
+                         f"({_first_line(error)}). Without a network, download them elsewhere and pass "
+                         f"model.checkpoint_path=<file> with model.pretrained=false.") from None
+    embed = getattr(net, "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    if size is not None:
+        sides = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if any(image_size % side for side in sides):
+            divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
+            raise ValueError(f"model.name={name} cuts {sides[0]}x{sides[1]} patches, which do not divide "
+                             f"data.image_size={image_size}: set model.patch_size to one of {divisors}.")
+    return net
+
+
+__all__ = ["create"]
