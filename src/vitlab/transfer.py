@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from vitlab.checkpoint import FREE_FIELDS, load_checkpoint, run_config
 from vitlab.errors import CheckpointError
+from vitlab.models.patch_embed import pi_resize_matrix
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,9 @@ def pi_resize_kernel(weight: torch.Tensor, new_dim: int, channels: int, name: st
     if old * old * channels != weight.shape[1] or new * new * channels != new_dim:
         raise CheckpointError(f"{name}={path}: a patch kernel of {weight.shape[1]} inputs is not {channels}-channel "
                               f"square patches.")
-    kernel = rearrange(weight.float(), "d (p1 p2 c) -> d c p1 p2", p1=old, p2=old)
-    resized = resample_patch_embed(kernel, [new, new], interpolation="bilinear", antialias=False)
-    return rearrange(resized, "d c p1 p2 -> d (p1 p2 c)").to(weight.dtype)
+    # The same PI-resize as a FlexiViT model's own patch embedding (one matrix per pair of sizes).
+    kernel = rearrange(weight.float(), "d (p1 p2 c) -> d c (p1 p2)", p1=old, p2=old)
+    return rearrange(kernel @ pi_resize_matrix(old, new), "d c (p1 p2) -> d (p1 p2 c)", p1=new, p2=new).to(weight.dtype)
 
 
 __all__ = ["init_from_checkpoint", "classifier", "head_parameter_names", "pi_resize_kernel"]
