@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab import tracking
-from vitlab.errors import CheckpointError, UnsafeCheckpointError
+from vitlab.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 #: Key of the run's own description inside a checkpoint.
 RUN_INFO_KEY = "vitlab"
@@ -62,8 +62,7 @@ def load_checkpoint(path: str | Path, name: str = "ckpt_path") -> dict[str, Any]
                                     f"checkpoint written by vitlab.train never does. Use a checkpoint from a source "
                                     f"you trust.") from None
     except (RuntimeError, EOFError, KeyError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{name}={path} is a damaged checkpoint ({first}): use another one, "
+        raise CheckpointError(f"{name}={path} is a damaged checkpoint ({first_line(err)}): use another one, "
                               f"e.g. last.ckpt.") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise CheckpointError(f"{name}={path} holds no model weights (no state_dict): it is not a Lightning "

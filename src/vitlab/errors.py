@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -34,6 +35,16 @@ class UnsafeCheckpointError(CheckpointError):
 
 #: Errors a user causes and fixes; a config mistake is a ValueError.
 USER_ERRORS = (ValueError, DataError, FloatingPointError, FileNotFoundError)
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An error's reason in a few words, for a message that quotes it: an OS error's own
+    (``[Errno 111] Connection refused``), else its first line (its type's name if it has no text),
+    cut to ``limit`` characters."""
+    text = str(error).strip()
+    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    line = errno.group(0) if errno else (text.splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def failure_reason(error: BaseException) -> tuple[BaseException, str]:

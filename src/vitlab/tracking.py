@@ -24,7 +24,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.errors import first_line
 from vitlab.rundir import read_metrics
 
 log = logging.getLogger(__name__)
@@ -121,15 +121,6 @@ def previous_run(run_dir: str | Path, tracker: str) -> dict[str, Any]:
     return dict((read_metrics(run_dir).get("tracking") or {}).get(tracker) or {})
 
 
-def _first_line(error: BaseException) -> str:
-    """An error's reason in a few words: an OS error's own (``[Errno 111] Connection refused``),
-    else its first line, shortened."""
-    text = str(error).strip()
-    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
-    line = errno.group(0) if errno else (text.splitlines() or [type(error).__name__])[0]
-    return line if len(line) <= 160 else line[:157] + "..."
-
-
 @contextmanager
 def _few_retries():
     """MLflow's HTTP requests give up after ``PROBE_RETRIES`` quick retries (MLflow reads these
@@ -176,7 +167,7 @@ def _open_mlflow(tracking_uri: str, default: str):
         if "MLFLOW_ALLOW_FILE_STORE" in str(error):
             why = "is a folder, which MLflow 3 no longer takes as a store (unless MLFLOW_ALLOW_FILE_STORE=true)"
         else:
-            why = f"cannot be opened or reached ({_first_line(error)})"
+            why = f"cannot be opened or reached ({first_line(error)})"
     raise ValueError(f"logger.mlflow.tracking_uri={tracking_uri} {why}: {fix}.") from None
 
 
@@ -219,7 +210,7 @@ def _reopen_mlflow_run(client, previous: dict[str, Any]) -> tuple[str, dict, dic
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
-        log.warning(f"MLflow run {run_id} of the earlier attempt cannot be continued ({_first_line(error)}): the "
+        log.warning(f"MLflow run {run_id} of the earlier attempt cannot be continued ({first_line(error)}): the "
                     f"resumed run is tracked as a new run.")
         return None
     if run.info.lifecycle_stage == "deleted":
@@ -339,7 +330,7 @@ def wandb_logged_steps(wandb_dir: Path, run_id: str) -> dict[str, int]:
         try:
             rows = wandb_history(path)
         except Exception as error:  # noqa: BLE001 - without the steps a resume may repeat a few
-            log.warning(f"{path} could not be read ({_first_line(error)}): the resumed W&B run may repeat the "
+            log.warning(f"{path} could not be read ({first_line(error)}): the resumed W&B run may repeat the "
                         f"steps trained again after the checkpoint.")
             continue
         for row in rows:

@@ -14,10 +14,7 @@ from typing import Any
 
 from torch import nn
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+from vitlab.errors import first_line
 
 
 def create(*, name: str, image_size: int, channels: int, num_classes: int, patch_size: int | None = None,
@@ -52,7 +49,7 @@ def create(*, name: str, image_size: int, channels: int, num_classes: int, patch
         if "patch_size" in str(error):
             raise ValueError(f"model.patch_size={patch_size}: {name} takes no patch size (it is not a patch-based "
                              f"model): set model.patch_size=null.") from None
-        raise ValueError(f"model.kwargs={dict(kwargs or {})} do not fit {name}: {_first_line(error)}.") from None
+        raise ValueError(f"model.kwargs={dict(kwargs or {})} do not fit {name}: {first_line(error)}.") from None
     except (OSError, RuntimeError, ValueError) as error:
         if not pretrained:
             raise
@@ -62,7 +59,7 @@ def create(*, name: str, image_size: int, channels: int, num_classes: int, patch
         where = (getattr(cfg, "hf_hub_id", None) and f"the Hugging Face Hub ({cfg.hf_hub_id})") or \
             (getattr(cfg, "url", None) or "nowhere: the name has no pretrained weights")
         raise ValueError(f"model.pretrained=true: timm could not fetch the weights of {name} from {where} "
-                         f"({_first_line(error)}). Without a network, download them elsewhere and pass "
+                         f"({first_line(error)}). Without a network, download them elsewhere and pass "
                          f"model.checkpoint_path=<file> with model.pretrained=false.") from None
     embed = getattr(net, "patch_embed", None)
     size = getattr(embed, "patch_size", None)
