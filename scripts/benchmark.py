@@ -242,7 +242,7 @@ def main() -> None:
         paths.append(Contender("timm", bare_loop(model, ready, device, precision, optimizer), batch_size, flops(model), sync))
     if "bare" not in args.skip:
         torch.manual_seed(0)
-        model = SimpleViT(**{k: v for k, v in m.items() if k != "_target_"})
+        model = SimpleViT(**{k: v for k, v in m.items() if k not in ("_target_", "name")})
         count = flops(model)
         compile_network(model, cfg.get("compile"))
         paths.append(Contender("bare", bare_loop(model, ready, device, precision, optimizer), batch_size, count, sync))

@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONFIG_DIR
+from vitlab.config import instantiate_model
 from imagegen import make_image_folder
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra" and p.name[0] != "_")
@@ -54,7 +55,7 @@ def test_model_and_datamodule_instantiate(data, data_dir, tmp_path, monkeypatch)
         extra = [f"data.root={root}"]
     cfg = compose_train(f"data={data}", *extra, tmp=tmp_path)
     dm = hydra.utils.instantiate(cfg.data)
-    net = hydra.utils.instantiate(cfg.model)
+    net = instantiate_model(cfg.model)
     assert (dm.image_size, dm.channels, dm.num_classes) == (cfg.model.image_size, cfg.model.channels, cfg.model.num_classes)
     module = hydra.utils.instantiate(cfg.module, net=net, optimizer=hydra.utils.instantiate(cfg.optimizer),
                                      scheduler=hydra.utils.instantiate(cfg.scheduler))

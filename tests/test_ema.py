@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONFIG_DIR, SLICE, run_entry
 from vitlab.callbacks import EMA
-from vitlab.config import instantiate_dict
+from vitlab.config import instantiate_dict, instantiate_model
 
 # A tiny model on synthetic 28 px images; decay 0.5 so that the average is far from the weights.
 OVERRIDES = (*SLICE, "callbacks=ema", "callbacks.ema.decay=0.5", "logger=none", "data=synthetic", "data.image_size=28",
@@ -74,7 +74,7 @@ def build(cfg, recorder):
     torch.set_num_threads(1)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model),
+    module = hydra.utils.instantiate(cfg.module, net=instantiate_model(cfg.model),
                                      optimizer=hydra.utils.instantiate(cfg.optimizer),
                                      scheduler=hydra.utils.instantiate(cfg.scheduler))
     callbacks = instantiate_dict(cfg.callbacks)
@@ -122,7 +122,7 @@ def test_validation_runs_on_the_average(fitted):
     trainer, module, datamodule = fitted["trainer"], fitted["module"], fitted["datamodule"]
     assert trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"] == pytest.approx(fitted["val_loss"], abs=1e-6)
     raw_state = torch.load(fitted["out"] / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"]
-    raw_module = hydra.utils.instantiate(fitted["cfg"].module, net=hydra.utils.instantiate(fitted["cfg"].model),
+    raw_module = hydra.utils.instantiate(fitted["cfg"].module, net=instantiate_model(fitted["cfg"].model),
                                          optimizer=hydra.utils.instantiate(fitted["cfg"].optimizer))
     raw_module.load_state_dict(raw_state)
     raw_loss = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2,

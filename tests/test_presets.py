@@ -3,7 +3,6 @@ figures in their own headers, and every field stays overridable."""
 
 import re
 
-import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -11,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, run_entry
+from vitlab.config import instantiate_model
 from vitlab.models import count_parameters, flops_per_image
 
 # Published parameter counts at 224 px, 1000 classes (DeiT Table 1; ViT paper Table 1).
@@ -56,7 +56,7 @@ def test_header_figures_are_measured(preset):
         cfg = compose_train(f"model={preset}", "data=synthetic", f"data.image_size={image_size}",
                             f"data.channels={channels}", f"data.num_classes={num_classes}")
         with torch.device("meta"):  # shapes are all counting needs: ViT-L in a fraction of a second
-            net = hydra.utils.instantiate(cfg.model)
+            net = instantiate_model(cfg.model)
         assert count_parameters(net) / 1e6 == pytest.approx(params_m, rel=0.01, abs=0.005), preset
         assert flops_per_image(net, image_size, channels) / 1e9 == pytest.approx(gflops, rel=0.01), preset
 
@@ -65,7 +65,7 @@ def test_header_figures_are_measured(preset):
 def test_standard_presets_build_at_224_with_published_sizes(preset):
     cfg = compose_train(f"model={preset}", "data=synthetic", "data.image_size=224", "data.channels=3", "data.num_classes=1000")
     torch.manual_seed(0)
-    net = hydra.utils.instantiate(cfg.model)
+    net = instantiate_model(cfg.model)
     assert count_parameters(net) == pytest.approx(PUBLISHED_PARAMS[preset], rel=0.02)
     assert (cfg.model.patch_size, net.num_patches) == (16, 196)
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_standard_presets_build_at_224_with_published_sizes(preset):
 def test_vit_l_has_the_published_size():
     cfg = compose_train("model=vit_l", "data=synthetic", "data.image_size=224", "data.channels=3", "data.num_classes=1000")
     with torch.device("meta"):
-        net = hydra.utils.instantiate(cfg.model)
+        net = instantiate_model(cfg.model)
     # No class token, no learned position embedding, no qkv bias: 1 % under the published 307 M.
     assert count_parameters(net) == pytest.approx(PUBLISHED_PARAMS["vit_l"], rel=0.015)
 
@@ -84,7 +84,7 @@ def test_vit_l_has_the_published_size():
 def test_small_presets_train_on_their_data_shape(preset):
     cfg = compose_train(f"model={preset}", *SMALL[preset])
     torch.manual_seed(0)
-    net = hydra.utils.instantiate(cfg.model)
+    net = instantiate_model(cfg.model)
     images = torch.randn(4, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     loss = torch.nn.functional.cross_entropy(net(images), torch.arange(4) % cfg.data.num_classes)
     loss.backward()
@@ -97,7 +97,7 @@ def test_every_field_stays_overridable():
                         "model.mlp_dim=128", "model.head_init=zero", "model.dropout=0.1", "model.drop_path=0.1",
                         "model.pool=cls")
     assert cfg.model.dim_head == 64, "fields not overridden keep the preset's value"
-    net = hydra.utils.instantiate(cfg.model)  # Fashion-MNIST's 28 px: patch 4 divides it
+    net = instantiate_model(cfg.model)  # Fashion-MNIST's 28 px: patch 4 divides it
     assert (net.num_patches, len(net.transformer.layers), net.pool) == (49, 2, "cls")
     assert net.transformer.drop_paths[-1].p == pytest.approx(0.1)
     assert not net.linear_head.weight.any()

@@ -4,6 +4,8 @@ model and of dict-of-objects groups (callbacks, loggers)."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,6 +16,8 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.errors import failure_reason
+
+log = logging.getLogger(__name__)
 
 #: The configs, shipped in the package (``conf/`` of the repository); entry points pass it to
 #: ``hydra.main``, scripts to ``hydra.initialize_config_module``.
@@ -111,9 +115,50 @@ def instantiate_dict(node: DictConfig | None) -> list:
     return [hydra.utils.instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
+def takes_name(target: str | None) -> bool:
+    """Whether the network's constructor (a model config's ``_target_``) has a ``name`` argument, as
+    timm's ``create`` has; any other is built without ``model.name``. False for a target that cannot
+    be imported (instantiating it then says why)."""
+    try:
+        return "name" in inspect.signature(hydra.utils.get_object(str(target))).parameters
+    except Exception:  # noqa: BLE001 - ImportError, a non-callable, a signature inspect cannot read
+        return False
+
+
+def keep_config_name(cfg: DictConfig) -> None:
+    """``model.name`` names the network in summaries, HParams and trackers. A network built from a
+    name (``model=timm``) reads it; for any other, a ``model.name=`` on the command line (as the
+    SimpleViT job of ``-m model=simple_vit,timm model.name=deit_tiny_patch16_224`` gets) is set back
+    to the name its own config gives, so that the run is not recorded under the timm name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    model = cfg.get("model")
+    if not isinstance(model, DictConfig) or "name" not in model or takes_name(model.get("_target_")):
+        return
+    hydra_cfg = HydraConfig.get()
+    task = list(hydra_cfg.overrides.task)
+    keep = [o for o in task if o.partition("=")[0].lstrip("+~") != "model.name"]
+    if len(keep) == len(task):
+        return
+    try:  # the config composed again without the override (the same search path)
+        searchpath = [o for o in hydra_cfg.overrides.hydra if o.partition("=")[0].lstrip("+~") == "hydra.searchpath"]
+        own = hydra.compose(hydra_cfg.job.config_name, overrides=[*searchpath, *keep]).model.get("name")
+    except Exception:  # noqa: BLE001 - outside a Hydra app (a test's composed config): the config group's name
+        own = hydra_cfg.runtime.choices.get("model")
+    if own is not None and own != model.name:
+        log.info(f"model.name={model.name} names networks built from a name (model=timm); "
+                 f"{str(model.get('_target_')).rsplit('.', 1)[-1]} takes none, so this run keeps its config's "
+                 f"name, {own}.")
+        model.name = own
+
+
 def instantiate_model(node: DictConfig | dict) -> torch.nn.Module:
-    """The network of the ``model`` config. The model names its arguments (``patch_size=5``);
-    here they become the config keys the user sets (``model.patch_size=5``)."""
+    """The network of the ``model`` config; ``name`` is passed only to a constructor that takes one
+    (``takes_name``). The model names its arguments (``patch_size=5``); here they become the config
+    keys the user sets (``model.patch_size=5``)."""
+    if "name" in node and not takes_name(node.get("_target_")):
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        del node["name"]
     try:
         return hydra.utils.instantiate(node)
     except InstantiationException as error:

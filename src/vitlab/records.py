@@ -31,7 +31,8 @@ from vitlab.errors import failure_reason
 from vitlab.models import count_parameters, flops_per_image
 from vitlab.rundir import LAST_CHECKPOINT, METRICS_FILE, read_metrics, write_json
 
-#: Config sections whose scalar fields all go into the HParams table (``_target_`` as ``name``).
+#: Config sections whose scalar fields all go into the HParams table (``_target_`` as ``name`` where
+#: the section has no ``name`` of its own: ``model.name`` names the network).
 HPARAM_SECTIONS = ("model", "optimizer", "scheduler", "module")
 #: Single fields that go in as well.
 HPARAM_FIELDS = ("seed", "data.batch_size", "trainer.max_epochs", "trainer.precision")
@@ -47,12 +48,17 @@ def hparams_for(cfg: DictConfig, choices: dict[str, str] | None = None,
     group as ``choice/<group>``), then the hyperparameters a sweep compares, taken from the same
     flat config the trackers get."""
     flat, choices, swept = tracking.flat_config(cfg), choices or {}, list(swept)
+    if "model" in swept and "model.name" in flat and "model.name" not in swept:
+        # Models swept as a config group differ by their network's name (simple_vit, deit_tiny_patch16_224).
+        swept.insert(swept.index("model") + 1, "model.name")
     sections = [key for key in flat if key.partition(".")[0] in HPARAM_SECTIONS and key.count(".") == 1]
     row: dict[str, Any] = {}
     for key in dict.fromkeys([*swept, *HPARAM_FIELDS, *HPARAM_GROUPS, *sections]):
         if key in flat and (key in swept or not isinstance(flat[key], list)):
             name, value = key.replace(".", "/"), flat[key]
             if key.endswith("._target_"):
+                if f"{key[: -len('_target_')]}name" in flat:
+                    continue
                 name, value = name.replace("/_target_", "/name"), str(value).rsplit(".", 1)[-1]
         elif choices.get(key):
             name, value = f"choice/{key}", choices[key]

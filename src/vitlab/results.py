@@ -66,6 +66,23 @@ def sweep_overrides(sweep_dir: Path) -> list[str]:
     return list(((parent.get("hydra") or {}).get("overrides") or {}).get("task") or [])
 
 
+def network_name(run: Path) -> str | None:
+    """The network a run trained, as its ``config.yaml`` names it (``model.name``: ``simple_vit``,
+    ``deit_tiny_patch16_224``, ...); a run recorded before models had names trained SimpleViT (or
+    the ``_target_`` it names). None without a config.yaml."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        model = (yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}).get("model")
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(model, dict):
+        return None
+    target = model.get("_target_")
+    return model.get("name") or (NEUTRAL["model"]["name"] if target == "vitlab.models.SimpleViT" else target)
+
+
 def _record(job: Path) -> dict[str, Any]:
     """The FIELDS columns, then every other field of the job's metrics.json; status ``missing``
     without one, ``unreadable`` when it is not a JSON object."""
@@ -109,6 +126,9 @@ def load_runs(runs: str | Path | Iterable[str | Path], keys: Sequence[str] = (),
     ``runs`` is a sweep folder (its job folders) or any run folders. The swept keys are ``keys``,
     then those swept on the sweep's command line (known before every job has run), then any other
     override that differs between the jobs (e.g. a sweeper's choice); ``key_columns`` names them.
+    Where the jobs trained different networks, ``model.name`` is one of them (after ``model``), as
+    each job's config.yaml names its network (``network_name``): in ``-m model=simple_vit,timm
+    model.name=deit_tiny_patch16_224`` the SimpleViT job's is ``simple_vit``.
 
     ``analysis``: folders written by ``python -m vitlab.analyze`` (``sweep=`` or ``ckpt_path=``), which
     never writes into the run folders; the ``summary`` of the analysis of each job's checkpoint
@@ -123,11 +143,17 @@ def load_runs(runs: str | Path | Iterable[str | Path], keys: Sequence[str] = (),
     known = [o for o in overrides if o]  # a job folder without .hydra/ says nothing
     varying = [k for k in dict.fromkeys(k for o in known for k in o) if len({repr(o.get(k)) for o in known}) > 1]
     keys = list(dict.fromkeys([*keys, *varying]))
+    networks = [network_name(run) for run in dirs]
+    if len({n for n in networks if n is not None}) > 1 or "model.name" in keys:
+        keys = [k for k in keys if k != "model.name"]
+        keys.insert(keys.index("model") + 1 if "model" in keys else 0, "model.name")
     found = analyses(analysis) if analysis is not None else {}
     names = list(dict.fromkeys(k for summary in found.values() for k in summary))
     rows = []
-    for run, o in zip(dirs, overrides):
+    for run, o, network in zip(dirs, overrides, networks):
         row = {"job": run.name} | {k: o.get(k) for k in keys}  # a key's value is the override's (metrics.json has seed)
+        if "model.name" in row and network is not None:
+            row["model.name"] = network  # the network the job built, whatever the override said
         row |= {k: v for k, v in _record(run).items() if k not in row}
         summary = found.get(run.resolve(), {})
         row |= {k: summary.get(k) for k in names if k not in row}
@@ -179,8 +205,9 @@ INCIDENTAL = {
 #: Fields added since runs were first recorded, at the value that keeps what runs did before: a
 #: config with them at that value is the same experiment as one recorded without them.
 NEUTRAL = {
-    "model": {"reg_tokens": 0, "qk_norm": False, "layer_scale": None, "mlp": "gelu", "patch_dropout": 0.0,
-              "patch_norm": True, "flexi_patch_sizes": None},
+    # (model.name: runs recorded before models had names trained SimpleViT.)
+    "model": {"name": "simple_vit", "reg_tokens": 0, "qk_norm": False, "layer_scale": None, "mlp": "gelu",
+              "patch_dropout": 0.0, "patch_norm": True, "flexi_patch_sizes": None},
     "module": {"test_image_sizes": [], "test_patch_sizes": None, "layer_decay": None, "freeze": "none"},
     "data": {"train_subset": None},
     # Top-level fields: fine-tuning's start.

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vitlab import budget
 from vitlab.callbacks import RNGState, ValidateLastStep
 from vitlab.checkpoint import RunInfo, check_compatible, load_checkpoint
-from vitlab.config import CONFIG_PATH, instantiate_dict, instantiate_model, quote_path_overrides, register_resolvers
+from vitlab.config import (CONFIG_PATH, instantiate_dict, instantiate_model, keep_config_name, quote_path_overrides,
+                           register_resolvers)
+from vitlab.data.contract import check_data_config, check_datamodule
 from vitlab.errors import entry_point
 from vitlab.records import RunRecord
 from vitlab.results import identical_run
@@ -73,6 +75,9 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg.torch_threads)
     datamodule = hydra.utils.instantiate(cfg.data)
+    # What the run reads of the datamodule (vitlab.data.contract), before anything uses it.
+    check_datamodule(datamodule, cfg.data, test=bool(cfg.get("test")),
+                     probes=(cfg.get("probe") or {}).get("every_n_epochs") is not None)
     net = instantiate_model(cfg.model)
     if record is not None:
         record.describe_model(net, datamodule.image_size, datamodule.channels)
@@ -116,6 +121,8 @@ def check_trains(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     check_trains(cfg)
+    check_data_config(cfg.get("data"))
+    keep_config_name(cfg)
     record = RunRecord(cfg, HydraConfig.get().runtime.output_dir)
     if record.completed:
         log.info(f"{record.dir} holds a completed run: skipped (resume=false trains it again).")

@@ -4,7 +4,8 @@
 the data config, so a timm model trains, records its parameters and FLOPs, checkpoints, resumes,
 evaluates and predicts like SimpleViT. What vitlab decides before training, in one line each: an
 unknown name, a patch size that does not divide the image, a model that takes no image size or
-patch size, and pretrained weights that cannot be fetched (no network).
+patch size, pretrained weights that cannot be fetched (no network), and a SimpleViT switch
+(``model.reg_tokens=4``, ...), with the timm argument that does the same where there is one.
 """
 
 from __future__ import annotations
@@ -17,12 +18,45 @@ from torch import nn
 from vitlab.errors import first_line
 
 
+#: The SimpleViT switches (``conf/model/simple_vit.yaml``), which ``conf/model/timm.yaml`` holds at
+#: null so that a sweep over both models composes: what a timm model takes instead, if anything.
+SIMPLE_VIT_SWITCHES = {
+    "reg_tokens": "timm's ViTs take +model.kwargs.reg_tokens=<n>",
+    "qk_norm": "timm's ViTs take +model.kwargs.qk_norm=true",
+    "layer_scale": "timm's ViTs take +model.kwargs.init_values=<gain>",
+    "pos_emb": "timm's RoPE ViTs are chosen by name (timm.list_models('*rope*'), e.g. "
+               "model.name=vit_small_patch16_rope_224); +model.kwargs.pos_embed=none drops the learned one",
+    "mlp": "timm's SwiGLU ViTs are chosen by name (e.g. model.name=eva02_tiny_patch14_224)",
+    "patch_dropout": "timm's ViTs take +model.kwargs.patch_drop_rate=<share>",
+    "pool": "timm's ViTs take +model.kwargs.global_pool=avg|token|map",
+    "patch_norm": "timm's patch embedding is a convolution with no LayerNorm over the pixels: there is no "
+                  "such switch",
+    "flexi_patch_sizes": "timm trains at one patch size (its flexivit_* models are FlexiViT's weights, not its "
+                         "training)",
+}
+#: What supports them, for the messages.
+SIMPLE_VIT_MODELS = "model=simple_vit, vit_tiny_28, vit_small_32, vit_ti, vit_s, vit_b or vit_l"
+
+
+def check_simple_vit_switches(switches: dict[str, Any]) -> None:
+    """Refuse, in one line, a SimpleViT switch set for a timm model (or a field ``model=timm`` does not have)."""
+    for key, value in switches.items():
+        if key not in SIMPLE_VIT_SWITCHES:
+            raise ValueError(f"model.{key} is not a field of model=timm: timm's own arguments go under model.kwargs "
+                             f"(+model.kwargs.{key}={value}).")
+        if value is not None:
+            raise ValueError(f"model.{key}={value} is a switch of vitlab's SimpleViT ({SIMPLE_VIT_MODELS}), not "
+                             f"of model=timm: {SIMPLE_VIT_SWITCHES[key]}.")
+
+
 def create(*, name: str, image_size: int, channels: int, num_classes: int, patch_size: int | None = None,
-           pretrained: bool = False, checkpoint_path: str | None = None, kwargs: dict[str, Any] | None = None
-           ) -> nn.Module:
+           pretrained: bool = False, checkpoint_path: str | None = None, kwargs: dict[str, Any] | None = None,
+           **simple_vit_switches: Any) -> nn.Module:
     """``timm.create_model(name, img_size=image_size, in_chans=channels, num_classes=num_classes,
     patch_size=patch_size, pretrained=..., checkpoint_path=..., **kwargs)``; ``patch_size`` null
-    keeps the name's own, and a model without an image size (a CNN) is built without it."""
+    keeps the name's own, and a model without an image size (a CNN) is built without it.
+    ``simple_vit_switches``: SimpleViT's switches, which must be null (``check_simple_vit_switches``)."""
+    check_simple_vit_switches(simple_vit_switches)
     import timm
 
     if not timm.is_model(name):
@@ -72,4 +106,4 @@ def create(*, name: str, image_size: int, channels: int, num_classes: int, patch
     return net
 
 
-__all__ = ["create"]
+__all__ = ["SIMPLE_VIT_SWITCHES", "check_simple_vit_switches", "create"]
