@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 register_resolvers()
 
 
+class NotAnalysable(ValueError):
+    """A checkpoint of a network the analysis cannot read (not vitlab's SimpleViT): one line for a
+    single checkpoint; in a sweep, that job is listed as failed and the others are analysed."""
+
+
 # --------------------------------------------------------------------------- the request
 def image_request(value: Any) -> list[int] | None:
     """``images=`` as a list of test-set indices (null: the default pick)."""
@@ -180,7 +185,10 @@ def analyse_checkpoint(cfg: DictConfig, ckpt: str | Path, out: Path, data_cache:
     ckpt = Path(str(ckpt)).expanduser()
     module, info = model_from_checkpoint(ckpt)  # one-line errors for anything that is not a vitlab checkpoint
     net = module.net
-    require_simple_vit(net, f"the model of ckpt_path={ckpt}")
+    try:
+        require_simple_vit(net, f"the model of ckpt_path={ckpt}")
+    except ValueError as error:
+        raise NotAnalysable(str(error)) from None
     device = pick_device(cfg.device)
     net = net.float().to(device).eval()
 
@@ -309,7 +317,7 @@ def analyse_sweep(cfg: DictConfig, out: Path) -> dict:
         label = ", ".join(f"{k}={row[k]}" for k in keys) or job
         try:
             payload = analyse_checkpoint(cfg, found[-1], out / job, data_cache, title=f"{sweep_dir.name}: {label}")
-        except CheckpointError as error:
+        except (CheckpointError, NotAnalysable) as error:  # that job's checkpoint: the others go on
             failed[job] = str(error)
             log.warning(f"{job}: not analysed: {error}")
             continue

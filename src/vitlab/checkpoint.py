@@ -174,7 +174,7 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
     ``test_image_sizes`` and cut into patches of ``test_patch_sizes`` (None: the FlexiViT patch
     sizes the model trained at, if any)."""
     from vitlab.config import instantiate_model
-    from vitlab.module import ImageClassifier
+    from vitlab.module import ImageClassifier, check_test_variants
 
     checkpoint = load_checkpoint(path, name)
     info = run_config(checkpoint, path)
@@ -190,6 +190,8 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
         test_hflip = (checkpoint.get("hyper_parameters") or {}).get("test_hflip", False)
     if test_patch_sizes is None:
         test_patch_sizes = model_cfg.get("flexi_patch_sizes") or ()
+    check_test_variants(net, int(model_cfg["channels"]), test_image_sizes, test_patch_sizes,
+                        settings=("image_sizes", "patch_sizes"))
     module = ImageClassifier(net=net, num_classes=int(model_cfg["num_classes"]), optimizer=None,
                              test_hflip=bool(test_hflip), test_image_sizes=test_image_sizes or (),
                              test_patch_sizes=test_patch_sizes)

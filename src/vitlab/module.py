@@ -7,6 +7,7 @@ optimiser or scheduler.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -17,6 +18,7 @@ from torch import nn
 from timm.optim import param_groups_layer_decay
 from torchmetrics.classification import MulticlassAccuracy
 
+from vitlab.errors import first_line
 from vitlab.transfer import classifier, head_parameter_names
 
 #: ``module.freeze``: train everything, or the head alone on a frozen backbone.
@@ -28,6 +30,38 @@ def flexi_patch_size(sizes: Sequence[int], seed: int, step: int) -> int:
     seeded with (seed, step), as big_vision's flexi trainer does, so a resumed run draws what an
     uninterrupted one would, on every process of a DDP run alike."""
     return int(sizes[np.random.default_rng([seed, step]).integers(len(sizes))])
+
+
+def check_test_variants(net: nn.Module, channels: int, image_sizes: Sequence[int] = (),
+                        patch_sizes: Sequence[int] | None = (), settings: tuple[str, str] = (
+                            "module.test_image_sizes", "module.test_patch_sizes")) -> None:
+    """Refuse, before training or testing, test variants the network cannot run (``settings``
+    names them as the user set them): other patch sizes need a forward that takes ``patch_size``
+    (vitlab's SimpleViT); each other image size gets one forward of a blank image, in evaluation
+    mode and without touching the random generators."""
+    image_setting, patch_setting = settings
+    if patch_sizes and "patch_size" not in inspect.signature(net.forward).parameters:
+        raise ValueError(f"{patch_setting}={list(patch_sizes)} tests at other patch sizes, which vitlab's SimpleViT "
+                         f"does (model=simple_vit and its sizes, with model.patch_norm=false); {type(net).__name__}'s "
+                         f"forward takes no patch_size: set {patch_setting}=null.")
+    if not image_sizes:
+        return
+    device = next((p.device for p in net.parameters()), None)
+    training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for size in image_sizes:
+                try:
+                    net(torch.zeros(1, channels, int(size), int(size), device=device))
+                except Exception as error:  # noqa: BLE001 - whatever the network says, in one line
+                    reason = first_line(error).rstrip(".")
+                    hint = (" timm's ViTs read other sizes with +model.kwargs.dynamic_img_size=true."
+                            if type(net).__module__.startswith("timm.") else "")
+                    raise ValueError(f"{image_setting}={list(image_sizes)}: {type(net).__name__} cannot read {size} px "
+                                     f"images ({reason}).{hint} Choose sizes it reads, or {image_setting}=[].") from None
+    finally:
+        net.train(training)
 
 
 class ImageClassifier(L.LightningModule):

@@ -27,6 +27,7 @@ from vitlab.config import (CONFIG_PATH, instantiate_dict, instantiate_model, kee
                            register_resolvers)
 from vitlab.data.contract import check_data_config, check_datamodule
 from vitlab.errors import entry_point
+from vitlab.module import check_test_variants
 from vitlab.records import RunRecord
 from vitlab.results import identical_run
 from vitlab.sweep import sweep_job
@@ -79,6 +80,9 @@ def build(cfg: DictConfig, callbacks: tuple = (), record: RunRecord | None = Non
     check_datamodule(datamodule, cfg.data, test=bool(cfg.get("test")),
                      probes=(cfg.get("probe") or {}).get("every_n_epochs") is not None)
     net = instantiate_model(cfg.model)
+    # Test-time variants the network cannot run stop here, not after training.
+    check_test_variants(net, datamodule.channels, cfg.module.get("test_image_sizes"),
+                        cfg.module.get("test_patch_sizes"))
     if record is not None:
         record.describe_model(net, datamodule.image_size, datamodule.channels)
         apply_budget(cfg, net, datamodule, record)
@@ -121,7 +125,7 @@ def check_trains(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     check_trains(cfg)
-    check_data_config(cfg.get("data"))
+    check_data_config(cfg)
     keep_config_name(cfg)
     record = RunRecord(cfg, HydraConfig.get().runtime.output_dir)
     if record.completed:

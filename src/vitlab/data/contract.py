@@ -12,7 +12,8 @@ experiments"):
 - ``class_names``: a name per class, written into every checkpoint (``vitlab.predict`` writes them);
 - ``state_dict()`` / ``load_state_dict()``: where in the epoch training stands, saved in every
   checkpoint, so that a run resumed in the middle of an epoch reads the batches an uninterrupted
-  one would (optional: without it a resumed epoch is read again from its start);
+  one would (optional: without it Lightning restarts the loader, and the rest of a resumed epoch
+  comes from the start of a new pass);
 - ``mean``, ``std``: the normalisation statistics per channel, written into checkpoints for
   ``vitlab.predict`` (optional);
 - with the probes on (``probe.every_n_epochs``): ``normalize(uint8 images)``, ``eval_batch_size``
@@ -46,15 +47,20 @@ def _name(datamodule: Any) -> str:
     return f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
 
 
-def check_data_config(data: Mapping[str, Any] | None) -> None:
-    """The data config has the fields the model config reads: a missing one would otherwise surface
-    as an interpolation error inside the model config."""
-    missing = [field for field in CONFIG_FIELDS if not data or field not in data]
+def check_data_config(cfg: Mapping[str, Any]) -> None:
+    """The run's data config has the fields the model config reads (a missing one would otherwise
+    surface as an interpolation error inside the model config), and ``batch_size`` where a compute
+    budget counts the images of a step."""
+    data = cfg.get("data") or {}
+    budget = cfg.get("budget") or {}
+    wanted = [*CONFIG_FIELDS, *(("batch_size",) if budget.get("flops") or budget.get("minutes") else ())]
+    missing = [field for field in wanted if field not in data]
     if missing:
-        target = (data or {}).get("_target_", "the data config")
+        target = data.get("_target_", "the data config")
         raise ValueError(f"data ({target}) has no {', '.join(missing)}: the model config reads "
-                         f"${{data.image_size}}, ${{data.channels}} and ${{data.num_classes}}; add "
-                         f"{', '.join(f'{field}: <value>' for field in missing)} to its YAML ({README}).")
+                         f"${{data.image_size}}, ${{data.channels}} and ${{data.num_classes}}, and a budget "
+                         f"data.batch_size; add {', '.join(f'{field}: <value>' for field in missing)} to its YAML "
+                         f"({README}).")
 
 
 def _positive_int(value: Any) -> bool:
@@ -101,8 +107,8 @@ def check_datamodule(datamodule: Any, data: Mapping[str, Any], test: bool = True
                                  f"vitlab.data.InMemoryImageDataModule, or set probe.every_n_epochs=null.")
     lacks = []
     if type(datamodule).state_dict is L.LightningDataModule.state_dict:
-        lacks.append("state_dict()/load_state_dict() (a run resumed in the middle of an epoch reads that epoch "
-                     "again from its start)")
+        lacks.append("state_dict()/load_state_dict() (a run resumed in the middle of an epoch reads the rest of it "
+                     "from a restarted loader, not the batches an uninterrupted run would)")
     if not (hasattr(datamodule, "mean") and hasattr(datamodule, "std")):
         lacks.append("mean and std (checkpoints carry no normalisation: vitlab.predict needs them)")
     if lacks:
