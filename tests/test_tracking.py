@@ -311,6 +311,8 @@ BAD_TRACKERS = [
     ("wandb", "logger.wandb.project=team/vitlab",
      "logger.wandb.project='team/vitlab' is not a W&B project name: use at most 128 characters and none of /"),
     ("wandb", "+logger.wandb.mode=sometimes", "logger.wandb.mode='sometimes' is not a W&B mode: use one of online"),
+    ("wandb", "logger.wandb.offline=false",
+     "logger.wandb.offline=false logs live to W&B, but no W&B API key is configured: run `wandb login`"),
     ("wandb", "logger.wandb.save_dir={file}/w",
      "logger.wandb.save_dir={file}/w cannot be created ({file} is a file): name a folder you can write to"),
     ("tensorboard", "logger.tensorboard.save_dir={file}/tb",
@@ -326,6 +328,9 @@ def test_a_bad_tracker_uri_project_or_folder_gives_one_line_and_a_failed_record(
         logger, override, message, tmp_path, data_dir, monkeypatch, capsys):
     if logger in ("mlflow", "wandb"):
         pytest.importorskip(logger)
+    # No W&B key on this machine, whatever the one running the tests has.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder\n")
     values = {"file": a_file, "port": closed_port()}
@@ -338,3 +343,29 @@ def test_a_bad_tracker_uri_project_or_folder_gives_one_line_and_a_failed_record(
     record = json.loads((tmp_path / "outputs" / "runs" / "bad" / "metrics.json").read_text())
     assert record["status"] == "failed" and record["error"] == line.removeprefix("error: ")
     assert "global_step" not in record, "stopped before training"
+
+
+def test_a_run_killed_before_its_first_checkpoint_does_not_stay_running_in_mlflow(
+        tmp_path, data_dir, monkeypatch, capsys):
+    """SIGKILL in the first epoch leaves metrics.json naming a RUNNING MLflow run and no
+    checkpoint: the re-run trains from scratch in a new MLflow run and ends the old one KILLED."""
+    mlflow = pytest.importorskip("mlflow")
+    from vitlab.rundir import write_json
+
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    (tmp_path / "outputs" / "runs" / "r").mkdir(parents=True)
+    client = mlflow.MlflowClient(uri)
+    artifacts = (tmp_path / "outputs" / "mlartifacts").as_uri()
+    killed = client.create_run(client.create_experiment("runs", artifact_location=artifacts)).info.run_id
+    write_json(tmp_path / "outputs" / "runs" / "r" / "metrics.json",
+               {"status": "running", "history": [], "tracking": {"mlflow": {"tracking_uri": uri, "run_id": killed}}})
+    result = run_in_process(train_main, "vitlab.train", ["logger=mlflow", "name=r", *SLICE, "trainer.max_epochs=1"],
+                            cwd=tmp_path, data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "outputs" / "runs" / "r" / "metrics.json").read_text())
+    new = record["tracking"]["mlflow"]["run_id"]
+    assert record["status"] == "completed" and new != killed
+    old = client.get_run(killed)
+    assert old.info.status == "KILLED" and old.data.tags["status"] == "interrupted"
+    assert "restarted_as_new_run" in old.data.tags
+    assert client.get_run(new).info.status == "FINISHED"

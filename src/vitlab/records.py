@@ -112,7 +112,8 @@ class RunRecord(L.Callback):
 
     @property
     def completed(self) -> bool:
-        return self.previous.get("status") == "completed"
+        """Whether an earlier attempt in this folder finished: completed, or pruned by its search."""
+        return self.previous.get("status") in ("completed", "pruned")
 
     @property
     def last_checkpoint(self) -> str | None:
@@ -135,6 +136,9 @@ class RunRecord(L.Callback):
         if self.previous.get("tracking") and self.last_checkpoint and not self.cfg.get("ckpt_path"):
             # Resumed from this folder: its trackers continue the runs named here (vitlab.tracking).
             self.payload["tracking"] = self.previous["tracking"]
+        elif self.previous.get("tracking") and self.writer:
+            # An attempt killed before its first checkpoint: this one starts afresh, in new tracker runs.
+            tracking.end_abandoned_run(self.previous["tracking"])
         self.save_config()
         return self
 
@@ -174,6 +178,11 @@ class RunRecord(L.Callback):
         self.payload["budget"] = plan
         self.save_config()
 
+    def set_pruned(self, epoch: int) -> None:
+        """The run's Optuna trial was pruned after this epoch (``vitlab.search``): it ends ``pruned``."""
+        self.payload["pruned_at_epoch"] = epoch
+        self.save()
+
     def __exit__(self, kind, error, tb) -> bool:
         if error is not None:
             root, reason = failure_reason(error)
@@ -182,6 +191,8 @@ class RunRecord(L.Callback):
                                 traceback="".join(traceback.format_exception(kind, error, tb)))
         elif self.trainer is not None and self.trainer.interrupted:
             self.payload["status"] = "interrupted"
+        elif "pruned_at_epoch" in self.payload:
+            self.payload["status"] = "pruned"
         else:
             self.payload["status"] = "completed"
         if self.trainer is not None:

@@ -141,7 +141,9 @@ def load_runs(runs: str | Path | Iterable[str | Path], keys: Sequence[str] = (),
         dirs = [Path(run) for run in runs]
     overrides = [job_overrides(run) for run in dirs]
     known = [o for o in overrides if o]  # a job folder without .hydra/ says nothing
-    varying = [k for k in dict.fromkeys(k for o in known for k in o) if len({repr(o.get(k)) for o in known}) > 1]
+    # (optuna.*, which trial a job of a search is, names no setting.)
+    varying = [k for k in dict.fromkeys(k for o in known for k in o)
+               if len({repr(o.get(k)) for o in known}) > 1 and not k.startswith("optuna.")]
     keys = list(dict.fromkeys([*keys, *varying]))
     networks = [network_name(run) for run in dirs]
     if len({n for n in networks if n is not None}) > 1 or "model.name" in keys:
@@ -214,8 +216,10 @@ NEUTRAL = {
     "": {"init_from": None, "init": {"head": "reset"}},
 }
 #: Top-level sections that decide nothing while off: the probes of frozen features (they add
-#: metrics, never change training).
-NEUTRAL_SECTIONS = {"probe": lambda section: section.get("every_n_epochs") is None}
+#: metrics, never change training) and the Optuna trial.
+NEUTRAL_SECTIONS = {"probe": lambda section: section.get("every_n_epochs") is None,
+                    # Not a trial of an Optuna search (a trial's job reports to it and may be pruned).
+                    "optuna": lambda section: section.get("trial") is None}
 
 
 def deciding_config(config: dict) -> dict:

@@ -44,7 +44,7 @@ ARTIFACTS = ("config.yaml", "metrics.json", "curves.png")
 #: What ``vitlab.eval`` adds to the run of the checkpoint it evaluated, under ``eval/``.
 EVAL_ARTIFACTS = ("confusion_matrix.png", "confusion_matrix.csv", "per_class_accuracy.csv")
 #: The record's status -> MLflow's run status.
-MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 #: The experiment tag MLflow's UI reads to tell model training from GenAI work: with this value
 #: it opens an experiment on its runs table (without it, MLflow 3 opens its GenAI overview).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -119,6 +119,28 @@ def previous_run(run_dir: str | Path, tracker: str) -> dict[str, Any]:
     """The ``tracker`` run that ``metrics.json`` names when this run resumes from its folder's
     last checkpoint (the record keeps ``tracking`` only then), else ``{}``."""
     return dict((read_metrics(run_dir).get("tracking") or {}).get(tracker) or {})
+
+
+def end_abandoned_run(previous: dict[str, Any]) -> None:
+    """The MLflow run of an earlier attempt in this folder that left no checkpoint (killed in its
+    first epoch) and is still RUNNING: the new attempt trains from scratch in a new MLflow run, so
+    that one is ended ``KILLED`` (status ``interrupted``, tag ``restarted_as_new_run``) rather than
+    left running. Never fails the run: a store that cannot be reached gets a warning."""
+    run_id, uri = (previous.get("mlflow") or {}).get("run_id"), (previous.get("mlflow") or {}).get("tracking_uri")
+    if not run_id or not uri:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        with _few_retries():
+            client = MlflowClient(uri)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "status", "interrupted")
+                client.set_tag(run_id, "restarted_as_new_run", "killed before its first checkpoint")
+                client.set_terminated(run_id, "KILLED")
+    except Exception as error:  # noqa: BLE001 - the old run's state is not worth failing the new one
+        log.warning(f"MLflow run {run_id} of an earlier attempt, killed before its first checkpoint, could not be "
+                    f"ended ({first_line(error)}): it shows as RUNNING.")
 
 
 @contextmanager
@@ -381,6 +403,15 @@ def wandb_logger(root: str, run_dir: str, project: str = "vitlab", offline: bool
                          f"leave it out and set logger.wandb.offline=true|false.")
     if mode is not None:
         offline = mode == "offline"
+    if not offline and mode != "disabled" and rank_zero_only.rank == 0:
+        # Live logging needs a key: checked here, before training, without a call to W&B's server
+        # (where a terminal is attached, W&B asks for the key as it always does).
+        try:
+            wandb.login(verify=False)
+        except wandb.errors.UsageError:
+            raise ValueError("logger.wandb.offline=false logs live to W&B, but no W&B API key is configured: run "
+                             "`wandb login` (or set WANDB_API_KEY) first, or keep logger.wandb.offline=true and "
+                             "`wandb sync` the run folders later.") from None
     save_dir = writable_dir("logger.wandb.save_dir", save_dir or run_dir)
     where = run_context(root, run_dir)
     previous = previous_run(run_dir, "wandb").get("id")
@@ -440,7 +471,7 @@ def run_ended(loggers: list, run_dir: Path, record: dict[str, Any]) -> None:
                 record_files.add_file(str(path))
             run.log_artifact(record_files)
             # Finished here, so that the next job of a sweep in this process starts its own run.
-            run.finish(exit_code=0 if status == "completed" else 1)
+            run.finish(exit_code=0 if status in ("completed", "pruned") else 1)
 
 
 def run_ids(loggers: list) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from vitlab.errors import entry_point
 from vitlab.module import check_test_variants
 from vitlab.records import RunRecord
 from vitlab.results import identical_run
+from vitlab.search import search_callbacks
 from vitlab.sweep import sweep_job
 from vitlab.transfer import init_from_checkpoint
 
@@ -129,7 +130,7 @@ def train(cfg: DictConfig) -> dict:
     keep_config_name(cfg)
     record = RunRecord(cfg, HydraConfig.get().runtime.output_dir)
     if record.completed:
-        log.info(f"{record.dir} holds a completed run: skipped (resume=false trains it again).")
+        log.info(f"{record.dir} holds a {record.previous['status']} run: skipped (resume=false trains it again).")
         return record.previous
     if cfg.get("reuse") and (same := identical_run(OmegaConf.to_container(cfg, resolve=True), cfg.reuse, record.dir)):
         log.info(f"{same} completed the same run (the same config but folders, names and threads): its results "
@@ -153,6 +154,9 @@ def train(cfg: DictConfig) -> dict:
         from vitlab.probe import probe_callbacks
 
         trainer.callbacks.extend(probe_callbacks(cfg.get("probe"), module.net))
+        # A job of an Optuna search reports to its trial and may be pruned (vitlab.search).
+        trial = search_callbacks(cfg.get("optuna"))
+        trainer.callbacks.extend(trial)
         if checkpoint is not None:
             fix = "pass this run's settings again, or resume=false to train from scratch" if resuming else None
             check_compatible(checkpoint, ckpt_path, cfg.model, module, name="ckpt_path", fix=fix)
@@ -160,7 +164,9 @@ def train(cfg: DictConfig) -> dict:
         elif cfg.get("init_from"):
             record.set_init(init_from_checkpoint(module.net, cfg.init_from, cfg.model, head=cfg.init.head))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        if cfg.get("test") and not trainer.interrupted:
+        if pruned := next((c.pruned_at for c in trial if c.pruned_at), None):
+            record.set_pruned(pruned)
+        if cfg.get("test") and not trainer.interrupted and not pruned:
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)
             trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=True)
     return record.payload

@@ -13,6 +13,12 @@ own folder, where the job resumes from its last checkpoint.
 The search space is written as for Hydra's own Optuna sweeper, in ``params`` or on the command
 line: ``interval(a, b)`` (``tag(log, interval(a, b))`` on a log scale) is a float, ``choice(...)``
 and ``range(...)`` are categorical; any other override is fixed for every trial.
+
+Each job is composed with ``optuna.storage``, ``optuna.study`` and ``optuna.trial`` (its trial),
+and with ``pruner`` set (``median``, ``successive_halving``, ``hyperband``: Optuna's pruners,
+``pruner_args.<name>`` their keyword arguments) with ``optuna.pruner`` and ``optuna.pruner_args``:
+the job reports to its trial after every validation and stops when the pruner says so
+(``vitlab.search``); the trial is then told PRUNED.
 """
 
 import os
@@ -51,6 +57,11 @@ class VitlabOptunaConf:
     study_name: Optional[str] = None
     #: An Optuna sampler (``_target_: optuna.samplers.TPESampler``); null is Optuna's default.
     sampler: Any = None
+    #: Stop hopeless trials early: null | median | successive_halving | hyperband (Optuna's pruners).
+    pruner: Optional[str] = None
+    #: Each pruner's keyword arguments, by name (conf/hparams_search/optuna.yaml lists Optuna's
+    #: defaults: ``hydra.sweeper.pruner_args.median.n_warmup_steps=1``); steps are epochs.
+    pruner_args: Dict[str, Any] = field(default_factory=dict)
     params: Dict[str, str] = field(default_factory=dict)
 
 
@@ -111,9 +122,15 @@ def interrupted(trial) -> bool:
 
 class VitlabOptunaSweeper(Sweeper):
     def __init__(self, direction: str, n_trials: int, n_jobs: int, storage: Optional[str], study_name: Optional[str],
-                 sampler: Any, params: Dict[str, str]) -> None:
+                 sampler: Any, params: Dict[str, str], pruner: Optional[str] = None,
+                 pruner_args: Optional[Dict[str, Any]] = None) -> None:
+        from vitlab.search import make_pruner
+
         self.direction, self.n_trials, self.n_jobs = direction, n_trials, max(1, n_jobs)
         self.storage, self.study_name, self.sampler, self.params = storage, study_name, sampler, dict(params or {})
+        # A bad name or argument stops the search here, before any trial, with one line.
+        self.pruner, self.pruner_args = pruner, dict((pruner_args or {}).get(pruner) or {}) if pruner else {}
+        make_pruner(pruner, self.pruner_args)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir).absolute()
@@ -121,24 +138,38 @@ class VitlabOptunaSweeper(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function
         )
 
+    @property
+    def url(self) -> str:
+        return self.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+
     def study(self):
         import optuna
         from sqlalchemy.exc import SQLAlchemyError
 
+        from vitlab.search import storage
+
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        url = self.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
-        # SQLite lets one process write at a time: the others wait for it instead of failing.
-        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         for attempt in range(3):
             try:
                 return optuna.create_study(
-                    storage=optuna.storages.RDBStorage(url, engine_kwargs=engine), sampler=self.sampler,
-                    study_name=self.study_name or self.sweep_dir.name, direction=self.direction, load_if_exists=True,
+                    storage=storage(self.url), sampler=self.sampler, study_name=self.study_name or self.sweep_dir.name,
+                    direction=self.direction, load_if_exists=True,
                 )
             except SQLAlchemyError:  # processes started together create the tables at once: one wins
                 if attempt == 2:
                     raise
                 time.sleep(1 + random.random())
+
+    def trial_overrides(self, study, trial) -> list[str]:
+        """What tells a job which trial it is (and its pruner): ``optuna.*`` fields of its config."""
+        quoted = lambda text: "'" + str(text).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        overrides = [f"optuna.storage={quoted(self.url)}", f"optuna.study={quoted(study.study_name)}",
+                     f"optuna.trial={trial.number}"]
+        if self.pruner:
+            overrides.append(f"optuna.pruner={self.pruner}")
+            overrides += [f"++optuna.pruner_args.{key}={quoted(value) if isinstance(value, str) else value}"
+                          for key, value in self.pruner_args.items()]
+        return overrides
 
     def ask(self, study, space: dict) -> list:
         """Trials to launch now: the interrupted ones of this machine, else up to ``n_jobs`` new
@@ -161,7 +192,8 @@ class VitlabOptunaSweeper(Sweeper):
         """Run trials of consecutive numbers as jobs of those numbers, and tell their outcomes."""
         from optuna.trial import Trial
 
-        overrides = [(*(f"{key}={value}" for key, value in t.params.items()), *fixed) for t in trials]
+        overrides = [(*(f"{key}={value}" for key, value in t.params.items()), *fixed, *self.trial_overrides(study, t))
+                     for t in trials]
         for state, value, reason in map(outcome, self.launcher.launch(overrides, initial_job_idx=trials[0].number)):
             trial = trials.pop(0)
             if reason and isinstance(trial, Trial):  # a relaunched trial's reason is in its metrics.json
@@ -171,7 +203,12 @@ class VitlabOptunaSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> None:
         space, fixed = search_space([*(f"{key}={value}" for key, value in self.params.items()), *arguments])
         study = self.study()
-        while trials := self.ask(study, space):
+        # A sampler that runs out of trials (GridSampler, BruteForceSampler: every combination
+        # tried) calls study.stop(), which Optuna allows only inside study.optimize; trials here
+        # are asked and told, so the call ends the asking instead.
+        exhausted = []
+        study.stop = lambda: exhausted.append(True)
+        while not exhausted and (trials := self.ask(study, space)):
             for _, run in groupby(enumerate(trials), lambda it: it[1].number - it[0]):
                 self.launch(study, [trial for _, trial in run], fixed)
         self.write_results(study)
