@@ -66,13 +66,14 @@ def test_heads_that_do_not_divide_the_width_are_refused():
 
 
 def test_shapes_hold_compute_and_the_sweep_can_change_them():
-    from vitlab.models import SimpleViT, count_parameters, flops_per_image
+    from vitlab.config import instantiate_model
+    from vitlab.models import count_parameters, flops_per_image
 
     costs = []
     for shape in ("d2_w136", "d4_w96", "d8_w68", "d16_w48"):
         model = resolved(compose_train("experiment=ablation/depth_width", f"shape={shape}"))[0]["model"]
         assert f"d{model['depth']}_w{model['dim']}" == shape
-        net = SimpleViT(**{k: v for k, v in model.items() if k != "_target_"})
+        net = instantiate_model(model)
         costs.append((count_parameters(net), flops_per_image(net, 28, 1)))
     params, flops = zip(*costs)
     assert max(params) / min(params) < 1.02 and max(flops) / min(flops) < 1.2
