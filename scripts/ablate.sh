@@ -3,7 +3,7 @@
 #
 #   scripts/ablate.sh <name> [extra Hydra overrides]     # name: patch_size pos_emb pool depth_width heads
 #                                                        # registers qk_norm layer_scale rope mlp patch_dropout
-#                                                        # map_pool patch_norm flexivit
+#                                                        # map_pool patch_norm flexivit vs_deit
 #   scripts/ablate.sh all                                # every ablation, one after another
 #   scripts/ablate.sh pos_emb data=cifar10 trainer=gpu   # on CIFAR-10: outputs/multirun/ablation_pos_emb_cifar10/
 #   scripts/ablate.sh pos_emb trainer.max_epochs=10 trainer.precision=32-true
@@ -20,7 +20,7 @@
 # new checkout copies them back and skips those jobs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ABLATIONS=(patch_size patch_size_compute pos_emb pool depth_width heads registers qk_norm layer_scale rope mlp patch_dropout map_pool patch_norm flexivit)
+ABLATIONS=(patch_size patch_size_compute pos_emb pool depth_width heads registers qk_norm layer_scale rope mlp patch_dropout map_pool patch_norm flexivit vs_deit)
 if [[ $# -lt 1 ]]; then
   echo "usage: scripts/ablate.sh <name|all> [overrides...]; names: ${ABLATIONS[*]}" >&2
   exit 2
@@ -29,7 +29,7 @@ name=$1
 shift
 if [[ $name == all ]]; then
   names=("${ABLATIONS[@]}")
-elif [[ -f conf/experiment/ablation/$name.yaml && $name != base ]]; then
+elif [[ -f conf/experiment/ablation/$name.yaml && $name != base && $name != */* ]]; then
   names=("$name")
 else
   echo "error: unknown ablation '$name': choose one of ${ABLATIONS[*]} or all (configs in conf/experiment/ablation/)." >&2

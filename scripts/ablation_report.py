@@ -656,6 +656,84 @@ def render_flexivit(groups: list[Group], figure: Callable[[str], Path]):
     return md, figs
 
 
+
+# --------------------------------------------------------------------------- SimpleViT against a DeiT-style ViT
+#: The swept key of experiment=ablation/vs_deit (a config group of that experiment) and its settings:
+#: (the network, the recipe it trains with), in table order.
+VS_DEIT_KEY = "experiment/ablation/vs_deit"
+VS_DEIT = {
+    "simple_vit": ("SimpleViT: mean pooling, sincos2d, no qkv bias", "ablation (SimpleViT's own)"),
+    "deit": ("DeiT-style: class token, learned position embedding, qkv bias", "ablation"),
+    "deit_recipe": ("DeiT-style: class token, learned position embedding, qkv bias", "DeiT's"),
+}
+
+
+def own_speed(g: Group) -> float | None:
+    """Mean training images/s of the setting's completed jobs trained in this sweep (not reused)."""
+    jobs = g.jobs[g.jobs["status"].eq("completed")]
+    speeds = pd.to_numeric(jobs[~reused(jobs)].get("train_images_per_s", pd.Series(dtype=float)), errors="coerce")
+    return float(speeds.mean()) if speeds.notna().any() else None
+
+
+def network_of(g: Group) -> str:
+    """The ``model.name`` the setting's jobs built (their config.yaml), e.g. simple_vit, deit_tiny_patch16_224."""
+    names = g.jobs["model.name"].dropna().unique() if "model.name" in g.jobs else []
+    return ", ".join(str(n) for n in names) or "–"
+
+
+def render_vs_deit(groups: list[Group], figure: Callable[[str], Path]):
+    def setting(g: Group) -> str:
+        return str(g.setting[VS_DEIT_KEY])
+
+    order = list(VS_DEIT)
+    groups.sort(key=lambda g: order.index(setting(g)) if setting(g) in order else len(order))
+    md = [table(groups, lambda g: [setting(g), VS_DEIT.get(setting(g), ("–",))[0], network_of(g),
+                                   VS_DEIT.get(setting(g), ("–", "–"))[1],
+                                   f"{g.value('params'):,.0f}" if g.value("params") else "–"],
+                ["setting", "network", "model.name", "recipe", "params"])]
+    md.append("Both networks at width 96, depth 4, 4 heads x 24, MLP 192, patch 4 (the DeiT-style one is timm's "
+              "VisionTransformer built as `deit_tiny_patch16_224`, resized by `model.kwargs`). DeiT's recipe here: lr "
+              "5e-4 x 128/512, warmup over 5/300 of the run, stochastic depth 0.1, RandAugment at magnitude 9 of 10, "
+              "random erasing 0.25, MixUp 0.8 / CutMix 1.0; the rest as the ablation recipe "
+              "(`conf/experiment/ablation/vs_deit/deit_recipe.yaml` lists what still differs).")
+    points = []
+    for g in groups:
+        if g.stat("test_acc").n:
+            speed = own_speed(g)
+            points.append((setting(g), g.stat("test_acc"), f"{speed:.0f} img/s" if speed else ""))
+    figs = [errorbar_figure(figure("vs_deit"), "SimpleViT against a DeiT-style ViT (labels: training images/s)",
+                            {"": points}, "setting", categorical=True).name] if points else []
+    by = {setting(g): g for g in groups if judged(g)}
+    sentences = []
+    if "simple_vit" in by and "deit" in by:
+        s, text = verdict(by["simple_vit"].stat("test_acc"), by["deit"].stat("test_acc"), "simple_vit", "deit")
+        sentences.append(("**Beyer et al.'s direction reproduced**: under one recipe SimpleViT beats the DeiT-style ViT"
+                          if s == 1 else
+                          "**No clear difference** under one recipe (Beyer et al.: mean pooling and sincos2d each "
+                          "gain 1.5 points after 90 ImageNet epochs)" if s == 0 else
+                          "**Opposite of Beyer et al.**: under one recipe the DeiT-style ViT beats SimpleViT")
+                         + f" ({text}).")
+    if "deit" in by and "deit_recipe" in by:
+        s, text = verdict(by["deit_recipe"].stat("test_acc"), by["deit"].stat("test_acc"), "deit_recipe", "deit")
+        sentences.append("The DeiT-style ViT under DeiT's own recipe against the ablation recipe: "
+                         + ("DeiT's recipe is better" if s == 1 else "no clear difference" if s == 0 else
+                            "DeiT's recipe is worse at this length") + f" ({text})."
+                         + (" Its learning rate and augmentation are set for 300 ImageNet epochs." if s == -1 else ""))
+    if "simple_vit" in by and "deit_recipe" in by:
+        s, text = verdict(by["simple_vit"].stat("test_acc"), by["deit_recipe"].stat("test_acc"), "simple_vit",
+                          "deit_recipe")
+        sentences.append("Each network with its own recipe: " + ("SimpleViT is better" if s == 1 else
+                                                                  "no clear difference" if s == 0 else
+                                                                  "the DeiT-style ViT is better") + f" ({text}).")
+    speeds = {k: own_speed(by[k]) for k in ("simple_vit", "deit") if k in by}
+    if all(speeds.get(k) for k in ("simple_vit", "deit")):
+        sentences.append(f"Training speed under the same recipe, jobs of this sweep: SimpleViT "
+                         f"{speeds['simple_vit']:.0f} images/s, the DeiT-style ViT {speeds['deit']:.0f} "
+                         f"({speeds['simple_vit'] / speeds['deit']:.2f}x); README, \"Throughput\", says where "
+                         "timm's ViT loses its time on a CPU.")
+    md += sentences
+    return md, figs
+
 ABLATIONS = [
     Ablation("patch_size", "Patch size", ["model.patch_size"],
              "ViT paper (Dosovitskiy et al. 2021), Table 5 / Fig. 5: smaller patches, more compute, better accuracy.",
@@ -724,6 +802,14 @@ ABLATIONS = [
              "Beyer et al. 2023 (FlexiViT), Fig. 1 and 3: one model trained with a random patch size per step matches "
              "the models trained at each size alone, which collapse at other sizes.", render_flexivit,
              metrics=("test/acc@p4", "test/acc@p7", "test/acc@p14")),
+    Ablation("vs_deit", "SimpleViT against a DeiT-style ViT", [VS_DEIT_KEY],
+             "Beyer et al. 2022 (Better plain ViT baselines for ImageNet-1k), Table 1, ViT-S/16 top-1 at 90 / 150 / "
+             "300 epochs: their plain ViT (mean pooling, sincos2d, batch 1024, RandAugment + MixUp) 76.5 / 78.5 / "
+             "80.0 %; with a class token instead 75.0 / 76.9 / 78.2, with a learned position embedding instead 75.0 / "
+             "78.0 / 79.6; the original ViT setup (class token, learned embedding, batch 4096, MLP head) 66.8 / 67.2 "
+             "/ 67.1, with RandAugment + MixUp 71.6 / 74.8 / 76.1. The DeiT-style ViT here has both of the changes "
+             "of the first two rows (and qkv bias); the table has no row with both alone.",
+             render_vs_deit, args="reuse=null"),
 ]
 
 

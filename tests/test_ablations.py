@@ -79,21 +79,68 @@ def test_shapes_hold_compute_and_the_sweep_can_change_them():
     assert max(params) / min(params) < 1.02 and max(flops) / min(flops) < 1.2
 
 
+def test_vs_deit_sweeps_simple_vit_against_a_deit_style_vit_of_the_same_shape():
+    """The three settings of experiment=ablation/vs_deit build the networks and recipes its header names."""
+    from timm.layers import DropPath
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitlab.config import instantiate_model
+    from vitlab.models import SimpleViT, count_parameters
+
+    key = "experiment/ablation/vs_deit"
+    cfg, params = resolved(compose_train("experiment=ablation/vs_deit"))
+    assert params[key].split(",") == ["simple_vit", "deit", "deit_recipe"]
+    built = {}
+    for setting in ("simple_vit", "deit", "deit_recipe"):
+        cfg = compose_train("experiment=ablation/vs_deit", f"{key}={setting}")
+        built[setting] = (instantiate_model(cfg.model), resolved(cfg)[0])
+    (simple, base), (deit, same), (own, recipe) = built.values()
+    # SimpleViT is the ablations' base setting, unchanged (so that a kept base run can stand in for it).
+    assert resolved(compose_train("experiment=ablation/mlp", "model.mlp=gelu"))[0] | {"sweep": base["sweep"]} == base
+    assert isinstance(simple, SimpleViT) and count_parameters(simple) == 300_618
+    assert base["model"]["name"] == "simple_vit" and base["model"]["pool"] == "mean"
+    # The DeiT-style ViT: timm's VisionTransformer of the same width, depth, heads, MLP and patch, with
+    # a class token, a learned position embedding over it and the 49 patches, and qkv bias.
+    assert isinstance(deit, VisionTransformer) and same["model"]["name"] == "deit_tiny_patch16_224"
+    assert deit.embed_dim == 96 and len(deit.blocks) == 4 and deit.patch_embed.patch_size == (4, 4)
+    assert {b.attn.num_heads for b in deit.blocks} == {4} and {b.mlp.fc1.out_features for b in deit.blocks} == {192}
+    assert deit.cls_token.shape == (1, 1, 96) and deit.global_pool == "token"
+    assert deit.pos_embed.requires_grad and deit.pos_embed.shape == (1, 1 + 49, 96)
+    assert all(b.attn.qkv.bias is not None for b in deit.blocks)
+    # Parameters differ by the class token, the position embedding and the attention biases, less
+    # SimpleViT's two stem LayerNorms (16 and 96 wide).
+    assert count_parameters(deit) == 306_826 == 300_618 + 96 + 50 * 96 + 4 * (3 * 96 + 96) - 2 * (16 + 96)
+    assert {k: v for k, v in same.items() if k not in ("model", "shape")} == \
+        {k: v for k, v in base.items() if k not in ("model", "shape")}, "one recipe for both networks"
+    # DeiT's own recipe (Touvron et al. 2021, Table 9) where it differs from the ablation recipe.
+    assert count_parameters(own) == 306_826 and isinstance(own.blocks[-1].drop_path1, DropPath)
+    assert own.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert recipe["optimizer"]["lr"] == pytest.approx(5e-4 * recipe["data"]["batch_size"] / 512)
+    assert recipe["optimizer"]["weight_decay"] == 0.05 and recipe["module"]["label_smoothing"] == 0.1
+    assert recipe["scheduler"]["warmup_fraction"] == pytest.approx(5 / 300, abs=1e-4)
+    augment = recipe["data"]["augment"]
+    assert set(augment) == {"crop_flip", "randaugment", "random_erasing", "mixup_cutmix"}
+    assert augment["randaugment"]["m"] / (augment["randaugment"]["num_magnitude_bins"] - 1) == pytest.approx(0.9)
+    assert augment["random_erasing"]["p"] == 0.25
+    assert (augment["mixup_cutmix"]["mixup_alpha"], augment["mixup_cutmix"]["cutmix_alpha"]) == (0.8, 1.0)
+
+
 def test_ablate_sh_refuses_an_unknown_name():
     result = subprocess.run(["bash", "scripts/ablate.sh", "patchsize"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "unknown ablation 'patchsize'" in result.stderr and "patch_size" in result.stderr
 
 
-def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed: None, extra=lambda o, seed: {}):
-    """A sweep folder as a multirun leaves it: per job .hydra/overrides.yaml, config.yaml, metrics.json
-    (with the fields ``extra`` gives a job)."""
+def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed: None, extra=lambda o, seed: {},
+               model=lambda o: {}):
+    """A sweep folder as a multirun leaves it: per job .hydra/overrides.yaml, config.yaml (its model
+    section updated with ``model``), metrics.json (with the fields ``extra`` gives a job)."""
     sweep = root / f"ablation_{name}"
     for num, (overrides, seed) in enumerate((o, s) for o in settings for s in seeds):
         job = sweep / f"{num}_job"
         (job / ".hydra").mkdir(parents=True)
         items = [f"{k}={v}" for k, v in overrides.items()] + [f"seed={seed}"]
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(items))
-        config = {"model": {"image_size": 28, "patch_size": 4, "dim": 8}}
+        config = {"model": {"image_size": 28, "patch_size": 4, "dim": 8, **model(overrides)}}
         if precision(seed):
             config["trainer"] = {"precision": precision(seed)}
         (job / "config.yaml").write_text(yaml.safe_dump(config))
@@ -260,6 +307,32 @@ def test_report_counts_jobs_that_took_the_results_of_the_same_run_elsewhere(tmp_
     assert "| 1 | 96 | 3/3 | 85.10 ± 0.10 | 85.00 ± 0.00 | 0.1 | 100 | 10 |" in rows
     assert "| 4 | 24 | 3/3 | 85.10 ± 0.10 | 85.00 ± 0.00 | 0.1 | 100 ‡ | 600 ‡ |" in rows
     assert "‡ Speed and time of the other sweep's run whose results these jobs took" in text
+
+
+def test_report_of_simple_vit_against_a_deit_style_vit(tmp_path):
+    """Rows named by setting, network and recipe, parameters, images/s of the sweep's own jobs, and the
+    three verdicts from the numbers."""
+    runs, key = tmp_path / "multirun", "experiment/ablation/vs_deit"
+    acc = {"simple_vit": 0.80, "deit": 0.77, "deit_recipe": 0.60}
+    speed = {"simple_vit": 300.0, "deit": 100.0, "deit_recipe": 90.0}
+    fake_sweep(runs, "vs_deit", [{key: k} for k in acc], lambda o: acc[o[key]],
+               model=lambda o: {"name": "simple_vit" if o[key] == "simple_vit" else "deit_tiny_patch16_224"},
+               extra=lambda o, seed: {"train_images_per_s": speed[o[key]],
+                                      "params": 300_618 if o[key] == "simple_vit" else 306_826})
+    text = re.sub(r" +", " ", write_report(runs, tmp_path / "docs"))
+    assert "## SimpleViT against a DeiT-style ViT, 1 epoch (early training)" in text
+    assert "`scripts/ablate.sh vs_deit reuse=null`" in text and "Table 1" in text and "76.5" in text
+    assert ("| simple_vit | SimpleViT: mean pooling, sincos2d, no qkv bias | simple_vit | ablation (SimpleViT's own) "
+            "| 300,618 | 3/3 | 80.10 ± 0.10 |") in text
+    assert ("| deit_recipe | DeiT-style: class token, learned position embedding, qkv bias | deit_tiny_patch16_224 "
+            "| DeiT's | 306,826 | 3/3 | 60.10 ± 0.10 |") in text
+    assert "| 90 | 10 |" in text  # images/s and job time
+    assert "**Beyer et al.'s direction reproduced**: under one recipe SimpleViT beats the DeiT-style ViT " \
+           "(simple_vit − deit = +3.00" in text
+    assert "DeiT's recipe is worse at this length" in text and "(deit_recipe − deit = -17.00" in text
+    assert "Each network with its own recipe: SimpleViT is better (simple_vit − deit_recipe = +20.00" in text
+    assert "SimpleViT 300 images/s, the DeiT-style ViT 100 (3.00x)" in text
+    assert (tmp_path / "docs" / "ablations" / "vs_deit.png").stat().st_size > 10_000
 
 
 def test_verdicts_use_welchs_t_test_over_the_seeds():
