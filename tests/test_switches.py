@@ -318,7 +318,7 @@ def test_flexi_positions_follow_the_image():
     [
         (dict(pos_emb="rope"), "pos_emb='rope' is not one of sincos2d, learned, none, rope2d_axial, rope2d_mixed"),
         (dict(pos_emb="sincos2d+learned"), "nor one absolute and one rotary kind joined by '+'"),
-        (dict(pos_emb="rope2d_axial", dim_head=10), "dim_head must be a multiple of 4, not 10: use dim_head=8 or 12"),
+        (dict(pos_emb="rope2d_axial", dim_head=10), "needs a multiple of 4 as dim_head=10: use dim_head=8 or 12"),
         (dict(patch_dropout=1.0), "patch_dropout=1.0 is not a probability in [0, 1)"),
         (dict(reg_tokens=-1), "reg_tokens=-1 must be a whole number of register tokens"),
         (dict(qk_norm="yes"), "qk_norm='yes' must be true or false"),

@@ -234,8 +234,8 @@ def _validate(**cfg) -> None:
     if rotary and cfg["dim_head"] % 4:
         lower = cfg["dim_head"] - cfg["dim_head"] % 4
         raise ValueError(
-            f"pos_emb={cfg['pos_emb']} rotates pairs of channels by row and by column, so dim_head must be a "
-            f"multiple of 4, not {cfg['dim_head']}: use dim_head={lower or 4} or {lower + 4}."
+            f"pos_emb={cfg['pos_emb']} rotates pairs of channels by row and by column, so it needs a multiple of 4 "
+            f"as dim_head={cfg['dim_head']}: use dim_head={lower or 4} or {lower + 4}."
         )
     if cfg["pool"] == "map" and cfg["dim"] % cfg["heads"]:
         raise ValueError(f"pool=map splits dim={cfg['dim']} over heads={cfg['heads']}, which does not divide it: "
