@@ -60,6 +60,16 @@ def test_a_sweep_over_a_users_model_and_simple_vit_names_both(tmp_path, data_dir
         assert f"name: {row['model.name']}" in config
     assert "model.name" in (sweep / "summary.md").read_text()
 
+    # vitlab.eval rebuilds the user's model and data from the checkpoint only when told to trust them.
+    (ckpt,) = (sweep / rows[0]["job"] / "checkpoints").glob("best-*.ckpt")
+    refused = run_entry("vitlab.eval", f"ckpt_path={ckpt}", cwd=tmp_path, data_dir=data_dir, check=False)
+    assert refused.returncode == 1 and "names _target_=my_lab.nets.PatchMLP" in refused.stderr
+    assert "allow its package: trusted_targets=[my_lab.]" in refused.stderr
+    run_entry("vitlab.eval", f"ckpt_path={ckpt}", "trusted_targets=[my_lab.]", "name=mine",
+              "trainer.limit_test_batches=2", cwd=tmp_path, data_dir=data_dir)  # the batches the run tested on
+    evaluated = json.loads((tmp_path / "outputs" / "eval" / "mine" / "metrics.json").read_text())
+    assert evaluated["test/acc"] == pytest.approx(float(rows[0]["test_acc"]), abs=1e-4)
+
 
 def test_a_datamodule_without_class_names_stops_in_one_line(user_code, tmp_path, data_dir, monkeypatch, capsys):
     # The README's datamodule less one attribute, found through hydra.searchpath.

@@ -121,14 +121,23 @@ def check_compatible(checkpoint: Mapping[str, Any], path: str | Path, model_cfg:
                               f"{'; '.join(problems)}. {fix.capitalize()}.")
 
 
+def trusted_prefixes(trusted: Any = ()) -> tuple[str, ...]:
+    """vitlab's own classes and those of the packages the user trusts (``trusted_targets=[my_lab.]``;
+    a name without its final dot gets one, so ``my_lab`` never also allows ``my_lab_evil``)."""
+    extra = [str(t) if str(t).endswith(".") else f"{t}." for t in (trusted or ())]
+    return ("vitlab.", *extra)
+
+
 def check_targets(node: Any, where: str, allowed: tuple[str, ...] = ("vitlab.",)) -> None:
     """A config read from a checkpoint may only name vitlab's own classes: instantiating an
     arbitrary ``_target_`` from a file would run whatever it names."""
     if isinstance(node, Mapping):
         target = node.get("_target_")
         if target is not None and not str(target).startswith(allowed):
+            package = str(target).split(".", 1)[0]
             raise UnsafeCheckpointError(f"{where} names _target_={target}, outside {', '.join(allowed)}: refused "
-                                        f"(building it could run any code). Pass the config explicitly instead.")
+                                        f"(building it could run any code). If you trust the file (your own model "
+                                        f"or data), allow its package: trusted_targets=[{package}.]")
         for key, value in node.items():
             check_targets(value, f"{where}.{key}" if key != "_target_" else where, allowed)
     elif isinstance(node, (list, tuple)):
@@ -167,12 +176,14 @@ class RunInfo(L.Callback):
 
 
 def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip: bool | None = None,
-                          test_image_sizes=(), test_patch_sizes=None) -> tuple[L.LightningModule, dict[str, Any]]:
+                          test_image_sizes=(), test_patch_sizes=None,
+                          trusted: tuple[str, ...] = ()) -> tuple[L.LightningModule, dict[str, Any]]:
     """The LightningModule a checkpoint was trained as, with its weights, and the run's
     description (``RunInfo``). ``test_hflip`` overrides the run's own test-time flip
     (``module.test_hflip``); None keeps it. The test also reports the images resized to
     ``test_image_sizes`` and cut into patches of ``test_patch_sizes`` (None: the FlexiViT patch
-    sizes the model trained at, if any)."""
+    sizes the model trained at, if any). ``trusted``: packages (``"my_lab."``) whose classes the
+    checkpoint may name besides vitlab's own (``trusted_targets``)."""
     from vitlab.config import instantiate_model
     from vitlab.module import ImageClassifier, check_test_variants
 
@@ -183,7 +194,7 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
         raise CheckpointError(f"{name}={path} does not say which model it holds (no run description inside and no "
                               f"config.yaml in its run folder): keep it in its run folder (<run>/checkpoints/) "
                               f"beside the run's config.yaml.")
-    check_targets(model_cfg, f"{name}={path}: model")
+    check_targets(model_cfg, f"{name}={path}: model", trusted_prefixes(trusted))
     net = instantiate_model(model_cfg)
     if test_hflip is None:
         # How the run tested (module.test_hflip) travels in Lightning's saved hyperparameters.

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from vitlab import tracking
-from vitlab.checkpoint import check_targets, model_from_checkpoint
+from vitlab.checkpoint import check_targets, model_from_checkpoint, trusted_prefixes
 from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
 from vitlab.errors import entry_point
 from vitlab.probe import eval_probe, probe_network
@@ -70,7 +70,7 @@ def data_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
         data = given
     elif isinstance(info.get("data"), dict):
         data = dict(info["data"])
-        check_targets(data, f"ckpt_path={cfg.ckpt_path}: data")
+        check_targets(data, f"ckpt_path={cfg.ckpt_path}: data", trusted_prefixes(cfg.get("trusted_targets")))
         if "data_dir" in data:
             data["data_dir"] = cfg.paths.data_dir
         data.update(given)
@@ -135,7 +135,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     patch_sizes = cfg.get("patch_sizes")
     module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"),
                                          test_image_sizes=list(cfg.get("image_sizes") or ()),
-                                         test_patch_sizes=list(patch_sizes) if patch_sizes is not None else None)
+                                         test_patch_sizes=list(patch_sizes) if patch_sizes is not None else None,
+                                         trusted=tuple(cfg.get("trusted_targets") or ()))
     # Settings and the network's pooled features checked before anything runs.
     probe = eval_probe(module.net, cfg.probe_settings) if cfg.get("probe") else None
     data = data_config(cfg, info)

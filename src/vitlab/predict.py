@@ -38,7 +38,8 @@ def predict(cfg: DictConfig) -> Path:
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg.torch_threads)
     files = list_images(cfg.input)
-    module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"))
+    module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"),
+                                         trusted=tuple(cfg.get("trusted_targets") or ()))
     model = info["model"]
     channels, size, num_classes = int(model["channels"]), int(model["image_size"]), int(model["num_classes"])
     classes = list(info.get("classes") or [])
