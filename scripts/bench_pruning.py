@@ -3,15 +3,24 @@ sampler's seed and every job's seed fixed) run without a pruner and with one, on
 the other, each as a user runs it (``python -m vitlab.train hparams_search=optuna ...``).
 
     python scripts/bench_pruning.py [--trials 16] [--epochs 3] [--pruners none median]
-                                    [--overrides data.train_subset=10000 ...]
+                                    [--overrides shape=d4_w96 model.depth=4 data.train_subset=5000 ...]
 
-Prints, per search: its wall time (start to finish, as a user waits for it), the trials by state,
+The searched keys are optimizer.lr and optimizer.weight_decay (conf/hparams_search/optuna.yaml's
+ranges); the network is fixed by ``--overrides``, by default the ablations' SimpleViT (width 96,
+depth 4, patch 4) on a class-balanced 5 000 of the training images (validation and test whole), so
+that 2 x 16 trials fit in about an hour of a busy 2-core CPU. ``--overrides model.depth=6`` (the
+default model) and no subset is the full-scale search.
+
+Prints, per search: its wall time (from its first trial's start to its last trial's end, as the
+study records them, so a search stopped and continued counts only its trials' time), the trials by state,
 the epochs trained in all (what pruning saves, whatever the machine's load), the best best_val_acc
 found, the test accuracy of that trial and its parameters. The searches go to
 outputs/multirun/bench_pruning_<pruner>/ (re-running continues them: delete the folders to
 measure again); the table is written to outputs/multirun/bench_pruning.md.
 
-On a shared machine the wall times move with the load; the epochs trained do not. The first
+``--side-by-side`` runs the searches at the same time, so that both see the same load (the one
+that ends first leaves the machine to the other, which flatters the slower search). On a shared
+machine the wall times move with the load; the epochs trained do not. The first
 n_startup_trials trials of TPE are drawn from the sampler's seed alone, so both searches start
 from the same trials and differ from there on only through what pruning cut.
 """
@@ -23,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -32,18 +40,22 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def search(pruner: str, trials: int, epochs: int, overrides: list[str], multirun: Path) -> dict:
-    sweep = f"bench_pruning_{pruner}"
-    command = [sys.executable, "-m", "vitlab.train", "hparams_search=optuna", f"sweep={sweep}",
-               f"hydra.sweeper.n_trials={trials}", f"trainer.max_epochs={epochs}",
-               # Learning rate and weight decay only: the other keys of the search space fixed.
-               "model.depth=6", "model.patch_size=4", "trainer.enable_progress_bar=false",
-               *([f"hydra.sweeper.pruner={pruner}"] if pruner != "none" else []), *overrides]
-    print(" ".join(command[1:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    folder = multirun / sweep
+def command(pruner: str, trials: int, epochs: int, overrides: list[str]) -> list[str]:
+    """The search as a user types it; its folder is outputs/multirun/bench_pruning_<pruner>/."""
+    return [sys.executable, "-m", "vitlab.train", "hparams_search=optuna", f"sweep=bench_pruning_{pruner}",
+            f"hydra.sweeper.n_trials={trials}", f"trainer.max_epochs={epochs}",
+            # Learning rate and weight decay only: the other keys of the search space fixed.
+            "model.patch_size=4", "trainer.enable_progress_bar=false",
+            *([f"hydra.sweeper.pruner={pruner}"] if pruner != "none" else []), *overrides]
+
+
+def result(pruner: str, multirun: Path) -> dict:
+    import optuna
+
+    folder = multirun / f"bench_pruning_{pruner}"
+    study = optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    seconds = (max(t.datetime_complete for t in study.trials)
+               - min(t.datetime_start for t in study.trials)).total_seconds()
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     jobs = [json.loads(path.read_text()) for path in sorted(folder.glob("*/metrics.json"))]
     best = max((job for job in jobs if job.get("status") == "completed"), key=lambda job: job["best_val_acc"])
@@ -63,10 +75,20 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--pruners", nargs="+", default=["none", "median"])
-    parser.add_argument("--overrides", nargs="*", default=[])
+    parser.add_argument("--overrides", nargs="*", default=["shape=d4_w96", "model.depth=4", "data.train_subset=5000"])
+    parser.add_argument("--side-by-side", action="store_true", help="run the searches at the same time")
     args = parser.parse_args()
     multirun = Path(os.environ.get("VITLAB_OUTPUT_DIR", ROOT / "outputs")) / "multirun"
-    rows = [search(p, args.trials, args.epochs, args.overrides, multirun) for p in args.pruners]
+    commands = [command(p, args.trials, args.epochs, args.overrides) for p in args.pruners]
+    running = []
+    for line in commands:
+        print(" ".join(line[1:]), flush=True)
+        running.append(subprocess.Popen(line, cwd=ROOT, stdout=subprocess.DEVNULL))
+        if not args.side_by_side:
+            running[-1].wait()
+    if any(process.wait() for process in running):
+        sys.exit("a search failed: see its folder's logs")
+    rows = [result(p, multirun) for p in args.pruners]
     table = pd.DataFrame(rows).to_markdown(index=False)
     (multirun / "bench_pruning.md").write_text(table + "\n")
     print(table)
