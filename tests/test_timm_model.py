@@ -65,9 +65,12 @@ def test_a_sweep_over_simple_vit_and_a_timm_model_names_each_network(tmp_path, d
     for row, (choice, name) in zip(rows, named):
         values, _ = hparams(sweep / row["job"])
         assert (values["choice/model"], values["model/name"]) == (choice, name)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["mixed"], order_by=["tags.`mlflow.runName`"])
-    assert list(runs["params.model.name"]) == ["simple_vit", "deit_tiny_patch16_224"]
+    # A client of this store: mlflow's module-level calls follow whatever store an earlier test of this
+    # process set (mlflow.set_tracking_uri outranks the environment).
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mixed").experiment_id],
+                              order_by=["tags.`mlflow.runName`"])
+    assert [run.data.params["model.name"] for run in runs] == ["simple_vit", "deit_tiny_patch16_224"]
 
     # vitlab.analyze reads SimpleViT's attention only: a timm checkpoint is one line; in a sweep,
     # that job is listed as failed and the SimpleViT job is analysed.
