@@ -17,9 +17,10 @@ cross-entropy, backward, fused AdamW step) under ``torch.autocast("cpu", bfloat1
 - ``deit:sdpa``, ``deit:math``: the DeiT-style ViT of ``experiment=ablation/vs_deit`` at this size
   (class token, learned position embedding, qkv bias).
 
-Contenders take turns within each of ``--rounds`` rounds, so a shared machine's drift hits all
-alike. Reported: the median images/s of each, and its ratio to ``simple_vit:auto`` as the median
-over rounds of the ratio within a round (with the range).
+After ``--warmup`` steps each, the contenders take turns one step at a time for ``--rounds``
+rounds, so that a shared machine's bursts hit all alike. Reported: the images/s of each from its
+median step time, and its ratio to the first contender (``simple_vit:auto`` by default) as the
+median over rounds of the ratio within a round, with the quartiles of those ratios.
 """
 
 from __future__ import annotations
@@ -70,14 +71,13 @@ class Contender:
         loss.backward()
         self.opt.step()
 
-    def run(self, warmup: int, steps: int, bf16: bool) -> None:
+    def run(self, steps: int, bf16: bool, timed: bool = True) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for _ in range(warmup):
-                self.step()
             start = time.perf_counter()
             for _ in range(steps):
                 self.step()
-            self.rates.append(len(self.x) * steps / (time.perf_counter() - start))
+            if timed:
+                self.rates.append(len(self.x) * steps / (time.perf_counter() - start))
 
 
 def profile(c: Contender, bf16: bool, rows: int) -> None:
@@ -100,9 +100,8 @@ def profile(c: Contender, bf16: bool, rows: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per contender and round")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds of one step of each contender")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each contender first")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
@@ -125,20 +124,24 @@ def main() -> None:
     if args.profile:
         for c in contenders:
             profile(c, bf16, args.profile)
+    for c in contenders:
+        c.run(args.warmup, bf16, timed=False)
     started = time.perf_counter()
     for r in range(args.rounds):
         for c in contenders:
-            c.run(args.warmup, args.steps, bf16)
-        print(f"round {r + 1}/{args.rounds}: {time.perf_counter() - started:.0f} s, load average "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
+            c.run(1, bf16)
+        if (r + 1) % 5 == 0 or r + 1 == args.rounds:
+            print(f"round {r + 1}/{args.rounds}: {time.perf_counter() - started:.0f} s, load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
     if not args.rounds:
         return
     ref = contenders[0]
-    print(f"\n{'contender':<16} {'images/s':>9} {'vs ' + ref.name:>26}")
+    print(f"\n{'contender':<16} {'images/s':>9} {'vs ' + ref.name + ' (quartiles)':>38}")
     for c in contenders:
         ratios = [a / b for a, b in zip(c.rates, ref.rates)]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         print(f"{c.name:<16} {statistics.median(c.rates):9.1f} "
-              f"{statistics.median(ratios):>14.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+              f"{statistics.median(ratios):>24.2f}x ({low:.2f}-{high:.2f})")
 
 
 if __name__ == "__main__":
