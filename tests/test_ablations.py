@@ -128,6 +128,9 @@ def test_vs_deit_sweeps_simple_vit_against_a_deit_style_vit_of_the_same_shape():
 def test_ablate_sh_refuses_an_unknown_name():
     result = subprocess.run(["bash", "scripts/ablate.sh", "patchsize"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "unknown ablation 'patchsize'" in result.stderr and "patch_size" in result.stderr
+    # A setting of an ablation's own config group (conf/experiment/ablation/vs_deit/deit.yaml) is no ablation.
+    result = subprocess.run(["bash", "scripts/ablate.sh", "vs_deit/deit"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown ablation 'vs_deit/deit'" in result.stderr
 
 
 def fake_sweep(root, name, settings, acc, seeds=(0, 1, 2), precision=lambda seed: None, extra=lambda o, seed: {},
