@@ -15,8 +15,6 @@ other's values, since the pruner reads them from the storage.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from typing import Any
 
 import lightning as L
@@ -49,17 +47,11 @@ def make_pruner(name: str | None, args: dict | None = None, field: str = "hydra.
 
 def storage(url: str):
     """The study's storage; SQLite lets one process write at a time, so the others wait for it
-    (60 s) instead of failing."""
+    (60 s) instead of failing. (The sweeper, which creates the tables, retries a lost race.)"""
     import optuna
 
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    for attempt in range(3):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        except Exception:  # processes started together create the tables at once: one wins
-            if attempt == 2:
-                raise
-            time.sleep(1 + random.random())
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
 
 
 class OptunaTrial(L.Callback):
