@@ -13,7 +13,7 @@ cross-entropy, backward, fused AdamW step) under ``torch.autocast("cpu", bfloat1
 - ``timm:sdpa``: timm's ``VisionTransformer`` as ``scripts/benchmark.py`` builds it (mean pooling, no
   class token, no qkv bias), with timm's default ``fused_attn`` (SDPA);
 - ``timm:math``: the same with ``fused_attn`` off on every attention module (timm's explicit
-  ``softmax(q k^T) v``);
+  ``softmax(q k^T) v``; what ``model=timm`` runs on a CPU, ``model.attention: auto``);
 - ``deit:sdpa``, ``deit:math``: the DeiT-style ViT of ``experiment=ablation/vs_deit`` at this size
   (class token, learned position embedding, qkv bias).
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.models import SimpleViT
+from vitlab.models.timm_model import set_attention
 
 SIZE = {"dim": 128, "depth": 6, "heads": 4, "dim_head": 32, "mlp_dim": 256, "patch_size": 4}
 CONTENDERS = ("simple_vit:auto", "simple_vit:sdpa", "timm:sdpa", "timm:math", "deit:sdpa", "deit:math")
@@ -52,10 +53,7 @@ def build(name: str) -> torch.nn.Module:
                               embed_dim=SIZE["dim"], depth=SIZE["depth"], num_heads=SIZE["heads"],
                               mlp_ratio=SIZE["mlp_dim"] / SIZE["dim"], qkv_bias=deit, class_token=deit,
                               global_pool="token" if deit else "avg")
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = attention == "sdpa"
-    return model
+    return set_attention(model, attention)
 
 
 class Contender:

@@ -118,3 +118,43 @@ def test_records_from_before_model_names_are_the_same_experiment():
     assert deciding_config(new) == deciding_config(old)
     timm = {"model": {"_target_": "vitlab.models.timm_model.create", "name": "deit_tiny_patch16_224"}, "seed": 0}
     assert deciding_config(timm) != deciding_config({**timm, "model": {**timm["model"], "name": "vit_tiny_patch16_224"}})
+
+
+@pytest.mark.parametrize("attention", ["auto", "math", "sdpa"])
+def test_timm_attention_paths_compute_the_same_function(attention):
+    """``model.attention``: timm's explicit softmax (auto on a CPU, math) and its SDPA give the same
+    logits and gradients; auto switches by the input's device, also in a deep copy (EMA)."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    kwargs = dict(name="deit_tiny_patch16_224", image_size=28, channels=1, num_classes=10, patch_size=7,
+                  kwargs={"embed_dim": 48, "depth": 2, "num_heads": 2})
+    reference = create(**kwargs, attention="sdpa")
+    net = create(**kwargs, attention=attention)
+    net.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    ours, theirs = net(x), reference(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    flags = {m.fused_attn for m in net.modules() if hasattr(m, "fused_attn")}
+    assert flags == {attention == "sdpa"}
+    if attention == "auto":
+        twin = copy.deepcopy(net)
+        twin._vitlab_attention_device = None
+        for module in twin.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
+        twin(x)
+        assert {m.fused_attn for m in twin.modules() if hasattr(m, "fused_attn")} == {False}
+        assert {m.fused_attn for m in net.modules() if hasattr(m, "fused_attn")} == {False}
+
+
+def test_a_bad_timm_attention_is_named_in_one_line():
+    with pytest.raises(ValueError, match=r"model.attention='flash' is not one of auto, math, sdpa"):
+        create(name="deit_tiny_patch16_224", image_size=28, channels=1, num_classes=10, patch_size=7,
+               attention="flash")

@@ -49,14 +49,53 @@ def check_simple_vit_switches(switches: dict[str, Any]) -> None:
                              f"of model=timm: {SIMPLE_VIT_SWITCHES[key]}.")
 
 
+ATTENTION = ("auto", "math", "sdpa")
+
+
+def attention_by_device(net: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of ``attention: auto``: SDPA on an accelerator, timm's explicit softmax on a
+    CPU (there the backward of SDPA's CPU kernel is most of a training step: README, "Throughput").
+    A module-level function that reads the modules from the hook's own argument, so that a deep
+    copy (EMA) or a pickled model switches its own modules."""
+    device = next((a.device.type for a in args if hasattr(a, "device")), None)
+    if device is None or getattr(net, "_vitlab_attention_device", None) == device:
+        return
+    for module in net.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = device != "cpu"
+    net._vitlab_attention_device = device
+
+
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTION:
+        raise ValueError(f"model.attention={attention!r} is not one of {', '.join(ATTENTION)}: auto (SDPA on a "
+                         f"GPU, the explicit softmax on a CPU), math or sdpa.")
+
+
+def set_attention(net: nn.Module, attention: str) -> nn.Module:
+    """Set how timm's attention modules (those with timm's ``fused_attn`` flag) compute: ``sdpa``
+    (``F.scaled_dot_product_attention``, timm's default), ``math`` (timm's explicit softmax, the same
+    function) or ``auto`` (by the input's device, on every forward)."""
+    check_attention(attention)
+    if attention == "auto":
+        net.register_forward_pre_hook(attention_by_device)
+    else:
+        for module in net.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = attention == "sdpa"
+    return net
+
+
 def create(*, name: str, image_size: int, channels: int, num_classes: int, patch_size: int | None = None,
            pretrained: bool = False, checkpoint_path: str | None = None, kwargs: dict[str, Any] | None = None,
-           **simple_vit_switches: Any) -> nn.Module:
+           attention: str = "auto", **simple_vit_switches: Any) -> nn.Module:
     """``timm.create_model(name, img_size=image_size, in_chans=channels, num_classes=num_classes,
     patch_size=patch_size, pretrained=..., checkpoint_path=..., **kwargs)``; ``patch_size`` null
     keeps the name's own, and a model without an image size (a CNN) is built without it.
+    ``attention``: how its attention modules compute (``set_attention``).
     ``simple_vit_switches``: SimpleViT's switches, which must be null (``check_simple_vit_switches``)."""
     check_simple_vit_switches(simple_vit_switches)
+    check_attention(attention)
     import timm
 
     if not timm.is_model(name):
@@ -103,7 +142,8 @@ def create(*, name: str, image_size: int, channels: int, num_classes: int, patch
             divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
             raise ValueError(f"model.name={name} cuts {sides[0]}x{sides[1]} patches, which do not divide "
                              f"data.image_size={image_size}: set model.patch_size to one of {divisors}.")
-    return net
+    return set_attention(net, attention)
 
 
-__all__ = ["SIMPLE_VIT_SWITCHES", "check_simple_vit_switches", "create"]
+__all__ = ["ATTENTION", "SIMPLE_VIT_SWITCHES", "attention_by_device", "check_attention", "check_simple_vit_switches", "create",
+           "set_attention"]
