@@ -67,3 +67,31 @@ def test_a_sweep_at_equal_flops_trains_each_patch_size_for_its_own_steps(tmp_pat
         assert "max_steps: %d" % expected in (job / "config.yaml").read_text()
         steps.append(expected)
     assert steps[0] < steps[1], "the cheaper patch-7 model gets more steps for the same FLOPs"
+
+
+def test_training_flops_count_the_tokens_patch_dropout_keeps_and_leave_the_network_as_it_was():
+    import torch
+
+    net = instantiate_model(compose_train(*SLICE, "model.patch_dropout=0.5").model).eval()
+    full = flops_per_image(net, 28, 1)
+    state = torch.get_rng_state()
+    training = flops_per_image(net, 28, 1, training=True)
+    assert torch.equal(torch.get_rng_state(), state), "counting draws nothing from the run's random stream"
+    # Half the patch tokens: the linear layers half, the attention scores a quarter (43 % in all).
+    assert 0.35 * full < training < 0.5 * full
+    assert not net.training and flops_per_image(net.train(), 28, 1) == full and net.training
+    timm = pytest.importorskip("timm")
+    cnn = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    before = {name: value.clone() for name, value in cnn.named_buffers()}
+    assert flops_per_image(cnn, 28, 1, training=True) == flops_per_image(cnn, 28, 1)
+    assert all(torch.equal(value, before[name]) for name, value in cnn.named_buffers()), "batch-norm statistics kept"
+
+
+def test_a_flops_budget_with_patch_dropout_counts_the_cheaper_training_steps(tmp_path, data_dir):
+    run_entry("vitlab.train", "model.patch_dropout=0.5", f"budget.flops={FLOPS}", *SLICE, "name=pd", cwd=tmp_path,
+              data_dir=data_dir)
+    metrics = json.loads((tmp_path / "outputs/runs/pd/metrics.json").read_text())
+    assert metrics["train_flops_per_image"] < 0.5 * metrics["flops_per_image"]
+    expected = round(FLOPS / (3 * metrics["train_flops_per_image"] * 64))
+    assert metrics["budget"]["steps"] == expected and metrics["global_step"] == expected
+    assert expected > 2 * round(FLOPS / (3 * metrics["flops_per_image"] * 64))

@@ -36,13 +36,36 @@ def test_override_of_the_wrong_type(tmp_path, run_train):
 
 
 @pytest.mark.parametrize("override, fragments", [
-    ("model.dimm=64", ["Could not override 'model.dimm'", "Key 'dimm' is not in struct"]),
-    ("data=fashion", ["Could not find 'data/fashion'", "Available options in 'data'", "fashion_mnist"]),
+    ("model.dimm=64", ["error: Could not override 'model.dimm'", "Key 'dimm' is not in struct (did you mean model.dim",
+                       "use +model.dimm=64"]),
+    ("data=fashion", ["error: In 'train': Could not find 'data/fashion'", "Available options in 'data':",
+                      "fashion_mnist, "]),
+    ("model.patch_size=[4,", ["error: cannot parse the override 'model.patch_size=[4,'"]),
 ])
-def test_misspelled_key_or_option_is_hydras_message(tmp_path, run_train, override, fragments):
+def test_misspelled_key_or_option_is_one_line(tmp_path, run_train, override, fragments):
+    """Hydra's own composition errors, in one line (Hydra prints several and a hint about
+    HYDRA_FULL_ERROR): errors.hydra_errors_in_one_line."""
     result = run_train(override)
     assert_short_failure(result, *fragments)
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()], result.stderr
     assert not (tmp_path / "outputs").exists(), "no run folder for a config that does not compose"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_epochs=ten", "trainer.max_epochs='ten' must be an integer or null (the max_epochs of "
+                               "lightning.pytorch.Trainer)"),
+    ("optimizer.lr=3e-4x", "optimizer.lr='3e-4x' must be a number (the lr of torch.optim.AdamW)"),
+    ("seed=first", "seed='first' must be an integer"),
+    ("+trainer.max_epoch=1", "trainer.max_epoch is not an argument of lightning.pytorch.Trainer: did you mean "
+                             "trainer.max_epochs"),
+    ("+optimizer.momentum=0.9", "optimizer.momentum is not an argument of torch.optim.AdamW: remove it"),
+])
+def test_text_for_a_number_or_an_unknown_argument_stops_before_training(tmp_path, run_train, override, message):
+    """Values that Lightning or torch would only reject deep inside (a TypeError naming neither the
+    field nor the value), checked against the type hints and arguments of each section's target."""
+    result = run_train(*SLICE, override)
+    assert_short_failure(result, f"error: ValueError: {message}")
+    assert not list(tmp_path.glob("outputs/runs/*/*/metrics.json")), "refused before the run's record is written"
 
 
 def checkpoint_file(tmp_path, kind):

@@ -4,6 +4,7 @@ model and of dict-of-objects groups (callbacks, loggers)."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import os
@@ -150,6 +151,70 @@ def keep_config_name(cfg: DictConfig) -> None:
                  f"{str(model.get('_target_')).rsplit('.', 1)[-1]} takes none, so this run keeps its config's "
                  f"name, {own}.")
         model.name = own
+
+
+#: What a hint of these types is called in a message; a field whose hint admits only these takes
+#: no text.
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _kinds(hint) -> list[str] | None:
+    """What a parameter's type hint admits, as words (``["an integer", "null"]``), when it admits
+    only numbers, booleans, None and tensors; None when it may admit text (``str``, a ``Literal``,
+    a path, a class, ``Any``) or cannot be read."""
+    import types
+    import typing
+
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not members or any(m not in _KINDS and m is not torch.Tensor for m in members):
+        return None
+    kinds = [_KINDS[m] for m in members if m in _KINDS]
+    return [k for k in kinds if not (k == _KINDS[int] and _KINDS[float] in kinds)]
+
+
+def check_value_types(cfg: DictConfig, sections: tuple[str, ...] = ("trainer", "optimizer", "scheduler", "module",
+                                                                     "data")) -> None:
+    """Refuse, before anything is built, text where a number belongs (``trainer.max_epochs=abc``,
+    ``optimizer.lr=1e-3x``): each field of these sections' ``_target_`` whose type hint takes only
+    numbers, booleans or null must not be a string, and ``seed`` must be an integer. Without this the
+    value reaches Lightning or torch and fails deep inside, in a traceback that names neither."""
+    import typing
+
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} must be an integer (seed=0).")
+    for section in sections:
+        node = cfg.get(section)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            target = hydra.utils.get_object(str(node._target_))
+            # A class's own arguments first, then those of the bases its **kwargs reach.
+            hints, names, open_ended = {}, set(), True
+            for owner in (inspect.getmro(target) if inspect.isclass(target) else (target,)):
+                function = owner.__init__ if inspect.isclass(owner) else owner
+                hints = typing.get_type_hints(function) | hints
+                parameters = inspect.signature(function).parameters.values()
+                names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+                if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+                    open_ended = False
+                    break
+        except Exception:  # noqa: BLE001 - a target that cannot be imported or read: instantiating it says why
+            continue
+        unknown = [str(k) for k in node if not str(k).startswith("_") and str(k) not in names]
+        if unknown and not open_ended:
+            close = difflib.get_close_matches(unknown[0], sorted(names), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(f'{section}.{c}' for c in close)}?" if close else \
+                f"remove it (+{section}.{unknown[0]}=... adds a key the config does not have)"
+            raise ValueError(f"{section}.{unknown[0]} is not an argument of {node._target_}: {hint}")
+        for key, hint in hints.items():
+            if key not in node or key.startswith("_"):
+                continue
+            value = node[key]
+            kinds = _kinds(hint) if isinstance(value, str) else None
+            if kinds:
+                raise ValueError(f"{section}.{key}={value!r} must be {' or '.join(kinds)} "
+                                 f"(the {key} of {node._target_}).")
 
 
 def instantiate_model(node: DictConfig | dict) -> torch.nn.Module:

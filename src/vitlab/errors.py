@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sys
 import traceback
@@ -76,13 +77,75 @@ def close_progress_bars() -> None:
     sys.stdout.flush()
 
 
+def flatten_hydra_message(error: BaseException) -> str:
+    """One line of a Hydra composition error: its paragraphs joined, a list under a heading as
+    ``heading: a, b, c``, its search-path listing left out, and the OmegaConf cause (``Key 'x' is
+    not in struct``) with the keys close to the one asked for."""
+    import difflib
+
+    parts = [f"cannot parse the override {error.override!r}"] if getattr(error, "override", None) else []
+    for block in re.split(r"\n\s*\n", str(error).split("Config search path")[0].strip()):
+        lines = [line.strip() for line in block.splitlines() if line.strip()]
+        if not lines:
+            continue
+        if lines[0].endswith(":") and len(lines) > 1:
+            parts.append(f"{lines[0][:-1]}: {', '.join(lines[1:])}")
+        else:
+            parts.extend(lines)
+    cause = error.__cause__
+    if cause is not None and not isinstance(cause, type(error)):
+        reason = first_line(cause)
+        parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
+        keys = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else []
+        close = difflib.get_close_matches(str(key), keys, n=3, cutoff=0.6) if key is not None else []
+        full_key = str(getattr(cause, "full_key", None) or "")
+        close = [full_key.rpartition(".")[0] + "." + c if "." in full_key else c for c in close]
+        parts.insert(1, reason + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return "; ".join(part.rstrip(".") for part in parts) + "."
+
+
+def hydra_errors_in_one_line() -> None:
+    """Hydra reports a config it cannot compose (a bad override, an unknown config of a group, an
+    override it cannot parse, a sweeper or launcher it cannot build) in several lines and a hint
+    about HYDRA_FULL_ERROR; vitlab's commands say it as ``error: <one line>``, exit status 1, as
+    every other user error. ``HYDRA_FULL_ERROR=1`` still shows Hydra's own report and traceback.
+    Hydra has no hook for this: its reporting function is wrapped, and left alone if it moves."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import CompactHydraException, InstantiationException
+
+    report = getattr(hydra_utils, "run_and_report", None)
+    if report is None or getattr(report, "vitlab", False):
+        return
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def composed() -> Any:
+            try:
+                return func()
+            except (CompactHydraException, InstantiationException) as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                if isinstance(error, InstantiationException):
+                    message = failure_reason(error)[1]
+                else:
+                    message = flatten_hydra_message(error)
+                print(f"error: {message}", file=sys.stderr)
+                sys.exit(1)
+
+        return report(composed)
+
+    run_and_report.vitlab = True
+    hydra_utils.run_and_report = run_and_report
+
+
 def entry_point(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The failure policy of every ``python -m vitlab.<command>``, around its Hydra task: a user
     error prints ``error: <reason>`` and the log file that keeps the traceback, exit status 1; in
     a multirun a failed job is logged and the sweep goes on (``vitlab.sweep`` exits non-zero at
     the end); SIGTERM (preemption) exits with 143, naming how to resume; anything else is a bug
     and keeps its traceback. A progress bar still drawing is closed first: the message starts
-    its own line."""
+    its own line. Errors Hydra meets before the task, in composing its config, are one line too
+    (``hydra_errors_in_one_line``)."""
+    hydra_errors_in_one_line()
 
     @functools.wraps(task)
     def run(cfg):

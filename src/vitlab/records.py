@@ -157,8 +157,13 @@ class RunRecord(L.Callback):
 
     def describe_model(self, net: torch.nn.Module, image_size: int, channels: int) -> None:
         # After build set torch's threads: the machine is part of what the run's times mean.
-        self.payload.update(params=count_parameters(net), flops_per_image=flops_per_image(net, image_size, channels),
+        forward = flops_per_image(net, image_size, channels)
+        self.payload.update(params=count_parameters(net), flops_per_image=forward,
                             machine=machine_name(self.cfg.trainer.get("accelerator", "auto")))
+        # What a training step's forward costs where it differs (patch dropout keeps fewer tokens).
+        training = flops_per_image(net, image_size, channels, training=True)
+        if training != forward:
+            self.payload["train_flops_per_image"] = training
         self.save()
 
     def save_config(self) -> None:

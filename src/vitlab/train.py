@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vitlab import budget
 from vitlab.callbacks import RNGState, ValidateLastStep
 from vitlab.checkpoint import RunInfo, check_compatible, load_checkpoint
-from vitlab.config import (CONFIG_PATH, instantiate_dict, instantiate_model, keep_config_name, quote_path_overrides,
-                           register_resolvers)
+from vitlab.config import (CONFIG_PATH, check_value_types, instantiate_dict, instantiate_model, keep_config_name,
+                           quote_path_overrides, register_resolvers)
 from vitlab.data.contract import check_data_config, check_datamodule
 from vitlab.errors import entry_point
 from vitlab.module import check_test_variants
@@ -107,7 +107,8 @@ def apply_budget(cfg: DictConfig, net: torch.nn.Module, datamodule, record: RunR
     def measure() -> dict:
         return budget.measure_images_per_s(net, cfg, datamodule.image_size, datamodule.channels)
 
-    plan = budget.plan(cfg, record.payload["flops_per_image"], measure, previous=record.previous.get("budget"))
+    flops = record.payload.get("train_flops_per_image", record.payload["flops_per_image"])
+    plan = budget.plan(cfg, flops, measure, previous=record.previous.get("budget"))
     if plan is not None:
         with open_dict(cfg):
             cfg.trainer.max_steps, cfg.trainer.max_epochs = plan["steps"], -1
@@ -125,6 +126,7 @@ def check_trains(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    check_value_types(cfg)
     check_trains(cfg)
     check_data_config(cfg)
     keep_config_name(cfg)

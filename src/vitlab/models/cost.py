@@ -11,14 +11,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_image(model: nn.Module, image_size: int, channels: int) -> int:
+def flops_per_image(model: nn.Module, image_size: int, channels: int, training: bool = False) -> int:
     """Forward FLOPs for one image, counted by torch's flop counter on the eager network:
     ``model.forward`` bypasses ``nn.Module.compile`` (which wraps ``__call__``), so a compiled
-    network is counted without compiling anything."""
+    network is counted without compiling anything. ``training``: the forward as training runs it,
+    which is cheaper where the network drops tokens in training (``model.patch_dropout``); counted
+    on two images (a batch norm in training mode needs more than one value) without gradients,
+    and leaving the network as it was: its buffers (batch-norm statistics) and torch's random
+    state (the draws of dropout and patch dropout) are put back."""
     was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    with FlopCounterMode(display=False) as counter:
-        model.forward(torch.zeros(1, channels, image_size, image_size, device=device))
+    images = 2 if training else 1
+    buffers = {name: value.clone() for name, value in model.named_buffers()} if training else {}
+    model.train(training)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
+        model.forward(torch.zeros(images, channels, image_size, image_size, device=device))
+    with torch.no_grad():
+        for name, value in model.named_buffers():
+            if name in buffers:
+                value.copy_(buffers[name])
     model.train(was_training)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) // images
