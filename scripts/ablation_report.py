@@ -170,6 +170,8 @@ class Ablation:
     long_args: str = "trainer.max_epochs=10 trainer.precision=32-true"
     #: What ``scripts/ablate.sh <name>`` is given for the 1-epoch sweep (and before ``long_args``).
     args: str = ""
+    #: What only the 1-epoch sweep is given besides ``args``.
+    short_args: str = ""
     #: Columns of metrics.json (or added by ``prepare``) averaged per setting besides ``METRICS``.
     metrics: tuple[str, ...] = ()
     #: Adds measured columns to a sweep's jobs (e.g. from their checkpoints) before grouping.
@@ -701,6 +703,10 @@ def render_vs_deit(groups: list[Group], figure: Callable[[str], Path]):
         if g.stat("test_acc").n:
             speed = own_speed(g)
             points.append((setting(g), g.stat("test_acc"), f"{speed:.0f} img/s" if speed else ""))
+    if any(reused(g.jobs).any() for g in groups):
+        md.append("Jobs equal to the base setting of the other ablations (SimpleViT under the ablation recipe) "
+                  "took those runs' results (`reuse`), so their images/s is not labelled in the figure: the "
+                  "networks' speeds side by side are in the README (\"Throughput\", `scripts/bench_timm_vit.py`).")
     figs = [errorbar_figure(figure("vs_deit"), "SimpleViT against a DeiT-style ViT (labels: training images/s)",
                             {"": points}, "setting", categorical=True).name] if points else []
     by = {setting(g): g for g in groups if judged(g)}
@@ -809,7 +815,7 @@ ABLATIONS = [
              "78.0 / 79.6; the original ViT setup (class token, learned embedding, batch 4096, MLP head) 66.8 / 67.2 "
              "/ 67.1, with RandAugment + MixUp 71.6 / 74.8 / 76.1. The DeiT-style ViT here has both of the changes "
              "of the first two rows (and qkv bias); the table has no row with both alone.",
-             render_vs_deit, args="reuse=null"),
+             render_vs_deit, short_args="reuse=null"),
 ]
 
 
@@ -876,7 +882,7 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     """The page's section of one sweep, from its kept records; the last generation's text where the
     records are gone (its heading is then added to ``carried``)."""
     name = f"ablation_{ablation.name}{suffix}"
-    args = "".join(f" {a}" for a in (ablation.args, ablation.long_args if suffix else "") if a)
+    args = "".join(f" {a}" for a in (ablation.args, ablation.long_args if suffix else ablation.short_args) if a)
     title = f"## {ablation.title}, {heading}"
     lines = [title, "", f"Paper: {ablation.paper}", "",
              f"Command: `scripts/ablate.sh {ablation.name}{args}` (config "
