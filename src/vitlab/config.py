@@ -208,8 +208,8 @@ def check_value_types(cfg: DictConfig, sections: tuple[str, ...] = ("trainer", "
                 f"remove it (+{section}.{unknown[0]}=... adds a key the config does not have)"
             raise ValueError(f"{section}.{unknown[0]} is not an argument of {node._target_}: {hint}")
         for key, hint in hints.items():
-            if key not in node or key.startswith("_"):
-                continue
+            if key not in node or key.startswith("_") or OmegaConf.is_interpolation(node, key):
+                continue  # an interpolation is resolved (and its errors told) where it is read
             value = node[key]
             kinds = _kinds(hint) if isinstance(value, str) else None
             if kinds:

@@ -15,16 +15,18 @@ def flops_per_image(model: nn.Module, image_size: int, channels: int, training: 
     """Forward FLOPs for one image, counted by torch's flop counter on the eager network:
     ``model.forward`` bypasses ``nn.Module.compile`` (which wraps ``__call__``), so a compiled
     network is counted without compiling anything. ``training``: the forward as training runs it,
-    which is cheaper where the network drops tokens in training (``model.patch_dropout``); counted
-    on two images (a batch norm in training mode needs more than one value) without gradients,
-    and leaving the network as it was: its buffers (batch-norm statistics) and torch's random
-    state (the draws of dropout and patch dropout) are put back."""
+    which is cheaper where the network drops tokens in training (``model.patch_dropout``), counted
+    on two images (a batch norm in training mode needs more than one value). The network is left
+    as it was: its buffers (batch-norm statistics) and torch's random state (the draws of dropout
+    and patch dropout) are put back."""
     was_training = model.training
     device = next(model.parameters()).device
     images = 2 if training else 1
     buffers = {name: value.clone() for name, value in model.named_buffers()} if training else {}
     model.train(training)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+    # Not under no_grad: torch's module tracker, which the counter uses, then fails on an expanded
+    # parameter (the MAP head's query).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             FlopCounterMode(display=False) as counter:
         model.forward(torch.zeros(images, channels, image_size, image_size, device=device))
     with torch.no_grad():
