@@ -143,3 +143,12 @@ def test_an_error_while_the_progress_bar_draws_starts_its_own_line(tmp_path, dat
     assert error, out[-3000:]
     assert b"Epoch 0:" in before.rstrip(b"\n").rpartition(b"\n")[2], "the bar was drawing"
     assert before.endswith(b"\n"), f"the error starts its own line, not the bar's: {before[-200:]!r}"
+
+
+def test_eval_refuses_an_argument_its_trainer_does_not_take(tmp_path, data_dir, monkeypatch, capsys):
+    from vitlab.eval import main as eval_main
+
+    result = run_in_process(eval_main, "vitlab.eval", ["ckpt_path=nowhere.ckpt", "+trainer.devicess=1"], cwd=tmp_path,
+                            data_dir=data_dir, monkeypatch=monkeypatch, capsys=capsys)
+    assert_short_failure(result, "error: ValueError: trainer.devicess is not an argument of lightning.pytorch.Trainer: "
+                                 "did you mean trainer.devices?")

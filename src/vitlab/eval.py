@@ -33,7 +33,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from vitlab import tracking
 from vitlab.checkpoint import check_targets, model_from_checkpoint, trusted_prefixes
-from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
+from vitlab.config import CONFIG_PATH, check_value_types, quote_path_overrides, register_resolvers
 from vitlab.errors import entry_point
 from vitlab.probe import eval_probe, probe_network
 from vitlab.rundir import METRICS_FILE, write_json
@@ -125,6 +125,7 @@ def write_reports(out: Path, confusion: ConfusionMatrix, classes: list[str]) -> 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is not set: python -m vitlab.eval ckpt_path=<run folder>/checkpoints/last.ckpt")
+    check_value_types(cfg, sections=("trainer", "data"))
     if not isinstance(cfg.get("probe", False), bool):
         raise ValueError(f"probe={cfg.probe!r} must be true (also run the probes of the frozen features) or false.")
     if cfg.get("torch_threads"):

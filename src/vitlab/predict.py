@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from vitlab.checkpoint import model_from_checkpoint
-from vitlab.config import CONFIG_PATH, quote_path_overrides, register_resolvers
+from vitlab.config import CONFIG_PATH, check_value_types, quote_path_overrides, register_resolvers
 from vitlab.data.imagefolder import ImageFilesDataModule, list_images
 from vitlab.data.transforms import SampleTransform
 from vitlab.errors import entry_point
@@ -35,6 +35,7 @@ def predict(cfg: DictConfig) -> Path:
                          "ckpt_path=<run folder>/checkpoints/last.ckpt input=<folder or image>")
     if not cfg.get("input"):
         raise ValueError("input is not set: python -m vitlab.predict ckpt_path=... input=<folder or image>")
+    check_value_types(cfg, sections=("trainer",))
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg.torch_threads)
     files = list_images(cfg.input)
