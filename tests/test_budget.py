@@ -95,3 +95,17 @@ def test_a_flops_budget_with_patch_dropout_counts_the_cheaper_training_steps(tmp
     expected = round(FLOPS / (3 * metrics["train_flops_per_image"] * 64))
     assert metrics["budget"]["steps"] == expected and metrics["global_step"] == expected
     assert expected > 2 * round(FLOPS / (3 * metrics["flops_per_image"] * 64))
+
+
+def test_sdpa_on_a_cpu_is_counted_like_the_explicit_attention():
+    """torch's flop counter knows SDPA's CUDA kernels only; a CPU run with attention=sdpa (or a
+    timm model, whose attention is SDPA by default) would be counted without its attention."""
+    counts = {flops_per_image(instantiate_model(compose_train(*SLICE, f"model.attention={a}").model), 28, 1)
+              for a in ("math", "sdpa", "auto")}
+    assert len(counts) == 1
+    from vitlab.models.timm_model import create
+
+    timm_counts = {flops_per_image(create(name="deit_tiny_patch16_224", image_size=28, channels=1, num_classes=10,
+                                          patch_size=7, attention=a, kwargs={"embed_dim": 48, "depth": 2}), 28, 1)
+                   for a in ("math", "sdpa")}
+    assert len(timm_counts) == 1
