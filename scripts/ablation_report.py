@@ -513,6 +513,42 @@ def add_token_norms(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def add_train_flops(runs: pd.DataFrame) -> pd.DataFrame:
+    """``train_flops_per_image`` of each job: from its metrics.json, or, for records written before
+    runs counted it, counted on the network its config.yaml builds (a property of the config, the
+    same count a run makes: ``vitlab.models.flops_per_image(training=True)``)."""
+    from omegaconf import OmegaConf
+
+    from vitlab.config import instantiate_model
+    from vitlab.models import flops_per_image
+
+    counted: dict[str, int] = {}
+    values = []
+    for kept, recorded in zip(runs["kept"], runs.get("train_flops_per_image", pd.Series(None, index=runs.index))):
+        if pd.notna(recorded):
+            values.append(recorded)
+            continue
+        config = Path(kept) / "config.yaml"
+        if not config.is_file():
+            values.append(None)
+            continue
+        cfg = OmegaConf.load(config)
+        key = OmegaConf.to_yaml(cfg.model)
+        if key not in counted:
+            counted[key] = flops_per_image(instantiate_model(cfg.model), cfg.data.image_size, cfg.data.channels,
+                                           training=True)
+        values.append(counted[key])
+    runs = runs.copy()
+    runs["train_flops_per_image"] = values
+    return runs
+
+
+def train_flops_cell(g: Group) -> str:
+    """A setting's training forward FLOPs per image, and their share of the evaluation forward."""
+    train, full = g.value("train_flops_per_image"), g.value("flops_per_image")
+    return "–" if not train else f"{train / 1e6:.1f} ({train / full:.0%})" if full else f"{train / 1e6:.1f}"
+
+
 def ratio_cell(g: Group, metric: str = "token_norm_ratio") -> str:
     st = g.stat(metric)
     return "–" if not st.n else f"{st.mean:.2f} ± {st.std:.2f}" if st.n > 1 else f"{st.mean:.2f}"
@@ -792,7 +828,10 @@ ABLATIONS = [
              switch_render("model.patch_dropout", "dropped share", 0.0, "patch_dropout", "PatchDropout",
                            lambda r: no_loss(r, "**Better than without**", "**Reproduced**: no clear accuracy cost",
                                              "**A cost in accuracy** at some shares")
-                           + "; the images/s column gives the training speed each share buys"), args="reuse=null"),
+                           + "; the training MFLOPs column gives the compute each share saves (a training step's "
+                             "forward, counted), the images/s column the speed it bought on this shared machine",
+                           extra=(("training MFLOPs/img (of eval)", train_flops_cell),)),
+             args="reuse=null", metrics=("train_flops_per_image",), prepare=add_train_flops),
     Ablation("map_pool", "Pooling: mean, class token, attention (MAP)", ["model.pool"],
              "Zhai et al. 2022 (Scaling ViTs), Sec. 3.3 and Fig. 4: a MAP head is as good as or better than a class "
              "token or mean pooling.",
