@@ -982,7 +982,8 @@ def main(argv: list[str] | None = None) -> int:
         "seeds of the test accuracy (best-validation checkpoint) and of the best validation accuracy; a difference "
         f"is called real only when Welch's two-sided t-test over the seeds gives p < 0.05{old_rule}. The records "
         "of every completed job are "
-        "kept in `docs/ablations/runs/`. Times are per job, two jobs side by side with one thread each, on a "
+        "kept in `docs/ablations/runs/`. Times are per job, two or three jobs side by side with one thread "
+        "each (the count each sweep was given), on a "
         f"machine shared with other work (this page last computed on {cpu_name()}): compare them within a table, "
         "not across.",
         "",
