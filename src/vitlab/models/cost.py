@@ -40,9 +40,9 @@ def flops_per_image(model: nn.Module, image_size: int, channels: int, training: 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         model.forward(torch.zeros(images, channels, image_size, image_size, device=device))
-    with torch.no_grad():
-        for name, value in model.named_buffers():
-            if name in buffers:
+    if training:
+        with torch.no_grad():
+            for name, value in model.named_buffers():
                 value.copy_(buffers[name])
     model.train(was_training)
     return int(counter.get_total_flops()) // images

@@ -60,10 +60,15 @@ def attention_by_device(net: nn.Module, args: tuple) -> None:
     device = next((a.device.type for a in args if hasattr(a, "device")), None)
     if device is None or getattr(net, "_vitlab_attention_device", None) == device:
         return
+    set_fused_attention(net, device != "cpu")
+    net._vitlab_attention_device = device
+
+
+def set_fused_attention(net: nn.Module, fused: bool) -> None:
+    """timm's ``fused_attn`` flag on every attention module that has one."""
     for module in net.modules():
         if hasattr(module, "fused_attn"):
-            module.fused_attn = device != "cpu"
-    net._vitlab_attention_device = device
+            module.fused_attn = fused
 
 
 def check_attention(attention: str) -> None:
@@ -80,9 +85,7 @@ def set_attention(net: nn.Module, attention: str) -> nn.Module:
     if attention == "auto":
         net.register_forward_pre_hook(attention_by_device)
     else:
-        for module in net.modules():
-            if hasattr(module, "fused_attn"):
-                module.fused_attn = attention == "sdpa"
+        set_fused_attention(net, attention == "sdpa")
     return net
 
 
@@ -145,5 +148,5 @@ def create(*, name: str, image_size: int, channels: int, num_classes: int, patch
     return set_attention(net, attention)
 
 
-__all__ = ["ATTENTION", "SIMPLE_VIT_SWITCHES", "attention_by_device", "check_attention", "check_simple_vit_switches", "create",
-           "set_attention"]
+__all__ = ["ATTENTION", "SIMPLE_VIT_SWITCHES", "attention_by_device", "check_attention", "check_simple_vit_switches",
+           "create", "set_attention", "set_fused_attention"]
