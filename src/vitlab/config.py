@@ -4,7 +4,6 @@ model and of dict-of-objects groups (callbacks, loggers)."""
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import os
@@ -16,7 +15,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from vitlab.errors import failure_reason
+from vitlab.errors import close_matches, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +202,8 @@ def check_value_types(cfg: DictConfig, sections: tuple[str, ...] = ("trainer", "
             continue
         unknown = [str(k) for k in node if not str(k).startswith("_") and str(k) not in names]
         if unknown and not open_ended:
-            close = difflib.get_close_matches(unknown[0], sorted(names), n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(f'{section}.{c}' for c in close)}?" if close else \
+            close = close_matches(unknown[0], sorted(names), f"{section}.")
+            hint = f"did you mean {', '.join(close)}?" if close else \
                 f"remove it (+{section}.{unknown[0]}=... adds a key the config does not have)"
             raise ValueError(f"{section}.{unknown[0]} is not an argument of {node._target_}: {hint}")
         for key, hint in hints.items():

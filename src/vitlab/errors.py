@@ -77,12 +77,18 @@ def close_progress_bars() -> None:
     sys.stdout.flush()
 
 
+def close_matches(word: str, choices, prefix: str = "") -> list[str]:
+    """Up to three of ``choices`` close to a mistyped ``word``, each after ``prefix``, for a
+    message's "did you mean"."""
+    import difflib
+
+    return [prefix + c for c in difflib.get_close_matches(str(word), [str(c) for c in choices], n=3, cutoff=0.6)]
+
+
 def flatten_hydra_message(error: BaseException) -> str:
     """One line of a Hydra composition error: its paragraphs joined, a list under a heading as
     ``heading: a, b, c``, its search-path listing left out, and the OmegaConf cause (``Key 'x' is
     not in struct``) with the keys close to the one asked for."""
-    import difflib
-
     parts = [f"cannot parse the override {error.override!r}"] if getattr(error, "override", None) else []
     for block in re.split(r"\n\s*\n", str(error).split("Config search path")[0].strip()):
         lines = [line.strip() for line in block.splitlines() if line.strip()]
@@ -96,10 +102,9 @@ def flatten_hydra_message(error: BaseException) -> str:
     if cause is not None and not isinstance(cause, type(error)):
         reason = first_line(cause)
         parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
-        keys = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else []
-        close = difflib.get_close_matches(str(key), keys, n=3, cutoff=0.6) if key is not None else []
         full_key = str(getattr(cause, "full_key", None) or "")
-        close = [full_key.rpartition(".")[0] + "." + c if "." in full_key else c for c in close]
+        prefix = full_key.rpartition(".")[0] + "." if "." in full_key else ""
+        close = close_matches(key, parent.keys(), prefix) if key is not None and hasattr(parent, "keys") else []
         parts.insert(1, reason + (f" (did you mean {', '.join(close)}?)" if close else ""))
     return "; ".join(part.rstrip(".") for part in parts) + "."
 

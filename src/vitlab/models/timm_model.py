@@ -10,12 +10,11 @@ patch size, pretrained weights that cannot be fetched (no network), and a Simple
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import nn
 
-from vitlab.errors import first_line
+from vitlab.errors import close_matches, first_line
 
 
 #: The SimpleViT switches (``conf/model/simple_vit.yaml``), which ``conf/model/timm.yaml`` holds at
@@ -102,7 +101,7 @@ def create(*, name: str, image_size: int, channels: int, num_classes: int, patch
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
+        close = close_matches(name, timm.list_models())
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"model.name={name!r} is not a timm model: list them with python -c \"import timm; "
                          f"print(timm.list_models('*vit*'))\".{hint}")
