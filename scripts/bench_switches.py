@@ -1,6 +1,6 @@
 """Training speed of each design-space switch against the default model, in one process.
 
-    python scripts/bench_switches.py [--rounds 5] [--steps 12] [--threads N] [--precision bf16-mixed]
+    python scripts/bench_switches.py [--rounds 5] [--steps 12] [--threads N] [--precision bf16-mixed] [--only SWITCH ...]
 
 The default SimpleViT (patch 4, width 128, depth 6, 4 x 32 heads, MLP 256, batch 128 of 28 px
 one-channel images) and one copy per switch, each trained by the same bare step (forward,
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", default=None, help="bf16-mixed or 32-true (default: vitlab's auto choice)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--only", nargs="+", default=None, choices=list(SWITCHES)[1:], metavar="SWITCH",
+                        help="time these switches only (beside the default), e.g. --only pos_emb=rope2d_axial")
     parser.add_argument("--reference", default=None, help="a simple_vit.py whose SimpleViT runs as 'reference'")
     args = parser.parse_args()
     if args.threads:
@@ -80,6 +82,8 @@ def main() -> None:
     optimizer = partial(torch.optim.AdamW, lr=1e-3, fused=True)
     contenders = []
     for name, switch in SWITCHES.items():
+        if args.only and name != "default" and name not in args.only:
+            continue
         torch.manual_seed(0)
         model = SimpleViT(**DEFAULT, **switch)
         if switch.get("flexi_patch_sizes"):

@@ -103,6 +103,31 @@ def test_gpu_preset_on_cpu_compiles_and_checkpoints_load_either_way(tmp_path, da
         torch.set_num_threads(threads)
 
 
+def test_compiled_rope_model_is_the_eager_one_without_inductors_complex_warning(tmp_path):
+    """RoPE's complex product compiles (inductor runs it as eager does) to the eager model's
+    outputs and frequency gradients, and the run shows no warning about it."""
+    import warnings
+
+    from vitlab.models import SimpleViT
+
+    torch.manual_seed(0)
+    net = SimpleViT(image_size=16, patch_size=4, channels=1, num_classes=3, dim=32, depth=1, heads=2, dim_head=8,
+                    mlp_dim=32, pos_emb="rope2d_mixed", reg_tokens=1)
+    x = torch.randn(2, 1, 16, 16)
+    eager = net(x)
+    eager.sum().backward()
+    grad = net.rope.freqs.grad.clone()
+    net.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_network(net, OmegaConf.create({"enabled": True, "cache_dir": str(tmp_path / "cache")}))
+        compiled = net(x)
+        compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.rope.freqs.grad, grad, rtol=1e-5, atol=1e-5)
+    assert not [w for w in caught if "complex" in str(w.message)]
+
+
 def test_padded_evaluation_runs_whole_batches_and_scores_as_before(tmp_path):
     """With pad_eval_batches (set for a compiled network), the smaller last batch of a split
     reaches the network padded to the full batch, so one graph serves evaluation; loss and

@@ -12,7 +12,7 @@ from vitlab.models import SimpleViT
 from vitlab.models.attention import Attention
 from vitlab.models.parts import MAPPool, swiglu_hidden
 from vitlab.models.patch_embed import pi_resize_matrix
-from vitlab.models.position import Rope2d, posemb_sincos_2d
+from vitlab.models.position import Rope2d, posemb_sincos_2d, rotate_pairs
 
 SMALL = dict(image_size=28, patch_size=4, channels=1, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
 EVERY_SWITCH = dict(reg_tokens=3, qk_norm=True, layer_scale=0.1, pos_emb="sincos2d+rope2d_mixed", mlp="swiglu",
@@ -206,17 +206,45 @@ def test_rope_mixed_table_is_timms_rotary_embedding_mixed():
 
 
 @pytest.mark.parametrize("kind", ["rope2d_axial", "rope2d_mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_pairs_is_timms_apply_rot_embed_cat(kind, dtype):
+    """The model's rotation (a complex product with Rope2d's rotations) is timm's x cos + rot(x) sin
+    with Rope2d's [sin, cos] table: values, dtype and gradients (of x and the learned frequencies),
+    also with kept patches (patch dropout) and unrotated prefix tokens."""
+    from timm.layers import apply_keep_indices_nlc, apply_rot_embed_cat
+
+    torch.manual_seed(0)
+    rope = Rope2d(kind, dim_head=16, heads=2, depth=3)
+    keep = torch.stack([torch.randperm(20)[:12] for _ in range(4)])
+    x = torch.randn(4, 2, 1 + 12, 16, dtype=dtype, requires_grad=True)
+    table = apply_keep_indices_nlc(keep, rope.table(4, 5), keep)  # (4, blocks, heads, 12, 32)
+    identity = torch.cat([table.new_zeros(*table.shape[:-2], 1, 16), table.new_ones(*table.shape[:-2], 1, 16)], -1)
+    table = torch.cat([identity, table], dim=-2)
+    ours = [rotate_pairs(x, rotations) for rotations in rope(4, 5, keep=keep, prefix=1)]
+    theirs = [apply_rot_embed_cat(x, table[:, i if table.shape[1] > 1 else 0]) for i in range(3)]
+    for a, b in zip(ours, theirs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    weights = torch.randn_like(ours[0], dtype=torch.float32)
+    grads = [torch.autograd.grad(sum((t.float() * weights).sum() for t in out), [x, *rope.parameters()])
+             for out in (ours, theirs)]
+    for a, b in zip(*grads):
+        # A bf16 x gets its gradient rounded to bf16: timm rounds each of its two terms, the complex
+        # product their sum once, so they may differ by one bf16 step of the largest value.
+        tol = 1e-5 if a.dtype == torch.float32 else b.abs().max().item() * 2**-7
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["rope2d_axial", "rope2d_mixed"])
 def test_rope_scores_depend_only_on_the_offset(kind):
     """The same query and key content at every position: the score of two tokens is a function of
     their offset (dy, dx) alone; a token without a position (class token, register) is not rotated."""
-    from timm.layers import apply_rot_embed_cat
-
     torch.manual_seed(0)
     rope = Rope2d(kind, dim_head=16, heads=2, depth=2)
     h = w = 5
     table = rope(h, w, prefix=1)[1]  # block 1, heads (or 1), 1 + 25 tokens
-    q = apply_rot_embed_cat(torch.randn(2, 1, 16).expand(2, 26, 16), table)
-    k = apply_rot_embed_cat(torch.randn(2, 1, 16).expand(2, 26, 16), table)
+    q = rotate_pairs(torch.randn(2, 1, 16).expand(2, 26, 16), table)
+    k = rotate_pairs(torch.randn(2, 1, 16).expand(2, 26, 16), table)
     scores = q @ k.transpose(-1, -2)  # (heads, 26, 26)
     pos = [(i // w, i % w) for i in range(h * w)]
     by_offset = {}
@@ -227,7 +255,7 @@ def test_rope_scores_depend_only_on_the_offset(kind):
     for values in by_offset.values():
         torch.testing.assert_close(torch.stack(values), values[0].expand(len(values), -1), rtol=1e-4, atol=1e-4)
     v = torch.randn(2, 1, 16)
-    torch.testing.assert_close(apply_rot_embed_cat(v, table[..., :1, :]), v, rtol=0, atol=0)
+    torch.testing.assert_close(rotate_pairs(v, table[..., :1, :]), v, rtol=0, atol=0)
     assert not torch.allclose(scores[:, 1, 2], scores[:, 1, 3])  # positions do matter
 
 

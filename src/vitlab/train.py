@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -67,6 +68,10 @@ def compile_network(net: torch.nn.Module, options: DictConfig | None, accelerato
     if options.get("cache_dir"):
         # torch's documented setting for every on-disk compile cache (FX graph, AOTAutograd, Triton).
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(options.cache_dir).resolve())
+    # RoPE rotates by a complex product (vitlab.models.position.rotate_pairs), which inductor runs as
+    # eager does, warning that this "may be worse than eager": measured faster than the real-valued
+    # rotation compiled (README, the switches' training speed), so the warning says nothing a user should act on.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex operators")
     net.compile(mode=mode, dynamic=options.get("dynamic"), fullgraph=bool(options.get("fullgraph")))
     return True
 

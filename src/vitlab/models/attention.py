@@ -12,8 +12,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import LayerScale, apply_rot_embed_cat
+from timm.layers import LayerScale
 from torch import nn
+
+from vitlab.models.position import rotate_pairs
 
 ATTENTIONS = ("math", "sdpa", "auto")
 
@@ -73,8 +75,9 @@ class Attention(nn.Module):
 
     ``qk_norm``: a LayerNorm over each head's query and key (one LayerNorm of ``dim_head``
     shared by the heads, as ViT-22B and timm's ``Attention(qk_norm=True)``), before the scores
-    and before any rotation. ``rope`` (forward argument): the sin/cos table of a rotary
-    embedding for every token, from ``vitlab.models.position.Rope2d``, applied to q and k.
+    and before any rotation. ``rope`` (forward argument): the rotations of a rotary
+    embedding for every token (complex units), from ``vitlab.models.position.Rope2d``, applied
+    to q and k by ``rotate_pairs``.
     ``layer_scale``: the initial value of a LayerScale gain on the output, or null.
     """
 
@@ -112,7 +115,7 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rot_embed_cat(q, rope), apply_rot_embed_cat(k, rope)
+            q, k = rotate_pairs(q, rope), rotate_pairs(k, rope)
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
