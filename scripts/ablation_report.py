@@ -73,17 +73,25 @@ def difference(a: Stat, b: Stat) -> tuple[float, float]:
 ALPHA = 0.05
 
 
+def welch(a: Stat, b: Stat) -> tuple[float, float, float]:
+    """(mean of a − mean of b in points, its standard error, Welch's two-sided t-test p)."""
+    diff, se = difference(a, b)
+    if se > 0:
+        return diff, se, float(ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False).pvalue)
+    return diff, se, 0.0 if diff else 1.0  # no spread at all: any difference is real
+
+
+def p_value(p: float) -> str:
+    """p to two significant digits, three where two would round onto ALPHA and hide its side."""
+    return f"{p:.3g}" if f"{p:.2g}" == f"{ALPHA:.2g}" else f"{p:.2g}"
+
+
 def verdict(a: Stat, b: Stat, a_name: str, b_name: str) -> tuple[int, str]:
     """(+1 if a is better beyond noise, -1 if worse, 0 within noise; a phrase saying so). Noise is
     judged by Welch's t-test over the seeds (unequal spreads, few seeds: with 3 against 3 a
     difference must reach about 2.8 standard errors, with 2 against 2 about 4.3, not 2)."""
-    diff, se = difference(a, b)
-    if se > 0:
-        p = float(ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False).pvalue)
-    else:  # no spread at all: any difference is real
-        p = 0.0 if diff else 1.0
-    shown = f"{p:.3g}" if f"{p:.2g}" == f"{ALPHA:.2g}" else f"{p:.2g}"  # "0.05" would hide which side of ALPHA
-    text = f"{a_name} − {b_name} = {diff:+.2f} ± {se:.2f} points, Welch's t-test p = {shown}"
+    diff, se, p = welch(a, b)
+    text = f"{a_name} − {b_name} = {diff:+.2f} ± {se:.2f} points, Welch's t-test p = {p_value(p)}"
     if p < ALPHA:
         return (1 if diff > 0 else -1), text
     return 0, text + f" (p ≥ {ALPHA:g}: no clear difference)"
@@ -176,6 +184,9 @@ class Ablation:
     metrics: tuple[str, ...] = ()
     #: Adds measured columns to a sweep's jobs (e.g. from their checkpoints) before grouping.
     prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    #: (key, base value): the page's summary compares every other value of this key with the base,
+    #: the ablation's other keys (a learning rate) held equal. None: the ablation is not summed up.
+    glance: tuple[str, object] | None = None
 
 
 #: The lengths every ablation is reported at: (sweep-folder suffix, heading, training length).
@@ -779,49 +790,55 @@ def render_vs_deit(groups: list[Group], figure: Callable[[str], Path]):
 ABLATIONS = [
     Ablation("patch_size", "Patch size", ["model.patch_size"],
              "ViT paper (Dosovitskiy et al. 2021), Table 5 / Fig. 5: smaller patches, more compute, better accuracy.",
-             render_patch_size),
+             render_patch_size, glance=("model.patch_size", 4)),
     Ablation("patch_size_compute", "Patch size at equal training compute", ["model.patch_size"],
              "ViT paper, Fig. 5 / Table 5 compare at matched pre-training compute: here every patch size trains for "
              "the same training FLOPs (`budget.flops`): those of one epoch of patch 4 (5.3e12), or of ten (5.3e13).",
              lambda groups, figure: render_patch_size(groups, figure, compute=True),
-             long_args="budget.flops=5.3e13 sweep=ablation_patch_size_compute_10ep trainer.precision=32-true"),
+             long_args="budget.flops=5.3e13 sweep=ablation_patch_size_compute_10ep trainer.precision=32-true",
+             glance=("model.patch_size", 4)),
     Ablation("pos_emb", "Position embedding", ["model.pos_emb"],
              "ViT paper, Table 8: none 61.4 vs learned 1-D 64.2 vs 2-D 64.0 (five-shot ImageNet); Beyer et al. 2022, "
-             "Table 1: a learned embedding instead of fixed sincos costs 1.5 points at 90 epochs.", render_pos_emb),
+             "Table 1: a learned embedding instead of fixed sincos costs 1.5 points at 90 epochs.", render_pos_emb,
+             glance=("model.pos_emb", "sincos2d")),
     Ablation("pool", "Mean pooling vs class token", ["model.pool", "optimizer.lr"],
              "ViT paper, Appendix D.3: equal once each has its own learning rate; Beyer et al. 2022, Table 1: the "
-             "class token costs 1.5 points.", render_pool),
+             "class token costs 1.5 points.", render_pool,
+             glance=("model.pool", "mean")),
     Ablation("depth_width", "Depth x width at matched FLOPs", ["shape"],
              "ViT paper, Fig. 8 and Zhai et al. 2022: depth is the most useful dimension to scale, up to a point.",
-             render_depth_width),
+             render_depth_width, glance=("shape", "d4_w96")),
     Ablation("heads", "Number of heads at fixed inner width", ["model.heads"],
              "Vaswani et al. 2017, Table 3 (A): one head is worse than the best; too many heads lose again.",
-             render_heads),
+             render_heads, glance=("model.heads", 4)),
     Ablation("registers", "Register tokens", ["model.reg_tokens"],
              "Darcet et al. 2024, Fig. 8 and Table 2: registers keep or slightly raise accuracy, and remove the output "
              "patch tokens of about 10x the usual norm (Fig. 3) that ViTs without them grow.",
-             render_registers, metrics=("token_norm_ratio",), prepare=add_token_norms, args="reuse=null"),
+             render_registers, metrics=("token_norm_ratio",), prepare=add_token_norms, args="reuse=null",
+             glance=("model.reg_tokens", 0)),
     Ablation("qk_norm", "QK-norm against learning rate", ["model.qk_norm", "optimizer.lr"],
              "Dehghani et al. 2023 (ViT-22B), Sec. 2 and Fig. 2: without LayerNorm on queries and keys the attention "
              "logits grow and training diverges at high learning rates; with it training is stable.",
-             render_qk_norm),
+             render_qk_norm, glance=("model.qk_norm", False)),
     Ablation("layer_scale", "LayerScale", ["model.layer_scale"],
              "Touvron et al. 2021 (CaiT), Tables 1 and 3: LayerScale lets deep ViTs train better; its gain grows with "
              "depth (at depth 4, little is expected).",
              switch_render("model.layer_scale", "layer_scale", None, "layer_scale", "LayerScale initial value",
                            lambda r: no_loss(r, "**Helps here**", "**No clear effect at this depth**, as CaiT's results "
-                                             "predict for shallow models", "**Hurts here** at this depth"))),
+                                             "predict for shallow models", "**Hurts here** at this depth")),
+             glance=("model.layer_scale", None)),
     Ablation("rope", "2-D rotary position embedding", ["model.pos_emb"],
              "Heo et al. 2024, Fig. 3 and Table 2: RoPE-Mixed > RoPE-Axial >= absolute embeddings at the training "
              "resolution, and RoPE extrapolates to larger images far better.", render_rope,
-             metrics=("test/acc@36px", "test/acc@44px", "test/acc@56px")),
+             metrics=("test/acc@36px", "test/acc@44px", "test/acc@56px"), glance=("model.pos_emb", "sincos2d")),
     Ablation("mlp", "GELU against SwiGLU MLP", ["model.mlp"],
              "Shazeer 2020, Table 1: SwiGLU at equal parameters lowers the loss (language models); EVA-02 and DINOv3 "
              "use it in ViTs.",
              switch_render("model.mlp", "MLP", "gelu", "mlp", "MLP",
                            lambda r: no_loss(r, "**Reproduced**: SwiGLU is better", "**No clear difference** here",
                                              "**Opposite**: SwiGLU is worse here"),
-                           extra=(("params", lambda g: f"{g.value('params'):.0f}" if g.value("params") else "–"),))),
+                           extra=(("params", lambda g: f"{g.value('params'):.0f}" if g.value("params") else "–"),)),
+             glance=("model.mlp", "gelu")),
     Ablation("patch_dropout", "PatchDropout", ["model.patch_dropout"],
              "Liu et al. 2023, Table 1 and Fig. 3: dropping 25-50 % of the patches in training costs little or no "
              "accuracy and saves compute in proportion.",
@@ -831,18 +848,21 @@ ABLATIONS = [
                            + "; the training MFLOPs column gives the compute each share saves (a training step's "
                              "forward, counted), the images/s column the speed it bought on this shared machine",
                            extra=(("training MFLOPs/img (of eval)", train_flops_cell),)),
-             args="reuse=null", metrics=("train_flops_per_image",), prepare=add_train_flops),
+             args="reuse=null", metrics=("train_flops_per_image",), prepare=add_train_flops,
+             glance=("model.patch_dropout", 0.0)),
     Ablation("map_pool", "Pooling: mean, class token, attention (MAP)", ["model.pool"],
              "Zhai et al. 2022 (Scaling ViTs), Sec. 3.3 and Fig. 4: a MAP head is as good as or better than a class "
              "token or mean pooling.",
-             switch_render("model.pool", "pool", "mean", "map_pool", "pooling", map_outcome)),
+             switch_render("model.pool", "pool", "mean", "map_pool", "pooling", map_outcome),
+             glance=("model.pool", "mean")),
     Ablation("patch_norm", "LayerNorm over the patch pixels in the stem", ["model.patch_norm"],
              "No paper: vit-pytorch's SimpleViT normalises each patch's pixels before the embedding; Beyer et al. "
              "2022 and big_vision do not. FlexiViT needs the plain stem.",
              switch_render("model.patch_norm", "patch_norm", True, "patch_norm", "patch LayerNorm",
                            lambda r: no_loss(r, "**The plain stem is better** here", "**No clear difference**: the "
                                              "patch LayerNorm can be dropped (as FlexiViT needs)",
-                                             "**The patch LayerNorm helps** here"))),
+                                             "**The patch LayerNorm helps** here")),
+             glance=("model.patch_norm", True)),
     Ablation("flexivit", "FlexiViT: one model for every patch size", ["model.patch_size", "model.flexi_patch_sizes"],
              "Beyer et al. 2023 (FlexiViT), Fig. 1 and 3: one model trained with a random patch size per step matches "
              "the models trained at each size alone, which collapse at other sizes.", render_flexivit,
@@ -856,6 +876,53 @@ ABLATIONS = [
              "of the first two rows (and qkv bias); the table has no row with both alone.",
              render_vs_deit, short_args="reuse=null"),
 ]
+
+
+def glance_cell(a: Group | None, b: Group | None) -> str:
+    """A setting against the base in points, bold where Welch's t-test calls it real; – before both
+    have the seeds a verdict needs."""
+    if a is None or b is None or not (judged(a) and judged(b)):
+        return "–"
+    diff, se, p = welch(a.stat("test_acc"), b.stat("test_acc"))
+    change = f"{diff:+.2f} ± {se:.2f}"
+    return f"**{change}** (p = {p_value(p)})" if p < ALPHA else f"{change} (p = {p_value(p)})"
+
+
+def at_a_glance(collected: dict[tuple[str, str], list[Group]]) -> list[str]:
+    """The page's summary: every setting of each summed-up ablation against its base setting (the
+    ablation's other keys equal), in test-accuracy points, at 10 epochs and at 1."""
+    rows = []
+    for ablation in ABLATIONS:
+        if ablation.glance is None:
+            continue
+        key, base = ablation.glance
+        by_length = [collected.get((ablation.name, suffix), []) for suffix, _, _ in LENGTHS]
+
+        def others(g: Group) -> tuple:
+            return tuple((k, shown(v)) for k, v in g.setting.items() if k != key)
+
+        settings = {}
+        for groups in by_length:
+            for g in groups:
+                if shown(g.setting[key]) != shown(base):
+                    settings.setdefault((shown(g.setting[key]), others(g)), None)
+        for value, rest in settings:
+            cells = []
+            for groups in by_length:
+                find = {(shown(g.setting[key]), others(g)): g for g in groups}
+                cells.append(glance_cell(find.get((value, rest)), find.get((shown(base), rest))))
+            held = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in rest)
+            rows.append([ablation.title, f"{key.rsplit('.', 1)[-1]}={value}", f"{shown(base)}"
+                         + (f" ({held})" if held else ""), *cells])
+    if not rows:
+        return []
+    columns = ["ablation", "setting", "against", *(f"{length}: test acc change (points)" for _, _, length in LENGTHS)]
+    return ["## At a glance", "",
+            "Each setting against the ablation's base setting (its other keys held equal): the difference of the "
+            "mean test accuracy over seeds ± its standard error, in points; **bold** where Welch's t-test gives "
+            f"p < {ALPHA:g}; – where either side has fewer than {MIN_SEEDS} seeds so far. FlexiViT and the DeiT-style "
+            "ViT compare other things: see their sections. Generated from the tables below.", "",
+            markdown(pd.DataFrame(rows, columns=columns)), ""]
 
 
 def keep_records(sweep: Path, kept: Path) -> None:
@@ -917,9 +984,11 @@ def precision_note(runs: pd.DataFrame) -> str:
 
 
 def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun: Path, figures: Path,
-            previous: dict[str, list[str]], carried: list[str]) -> list[str]:
+            previous: dict[str, list[str]], carried: list[str],
+            collected: dict[tuple[str, str], list[Group]]) -> list[str]:
     """The page's section of one sweep, from its kept records; the last generation's text where the
-    records are gone (its heading is then added to ``carried``)."""
+    records are gone (its heading is then added to ``carried``). Its settings go into ``collected``
+    under (name, suffix)."""
     name = f"ablation_{ablation.name}{suffix}"
     args = "".join(f" {a}" for a in (ablation.args, ablation.long_args if suffix else ablation.short_args) if a)
     title = f"## {ablation.title}, {heading}"
@@ -944,6 +1013,7 @@ def section(ablation: Ablation, suffix: str, heading: str, length: str, multirun
     if ablation.prepare is not None:
         runs = ablation.prepare(runs)
     groups = read_sweep(runs, ablation.keys, METRICS + ablation.metrics)
+    collected[(ablation.name, suffix)] = groups
     md, figs = ablation.render(groups, lambda base: figures / f"{base}{suffix}.png")
     if any(g.stat("test_acc").n == 1 for g in groups):
         md.insert(1, f"Settings with fewer than {MIN_SEEDS} completed seeds are in the table and figure but in no "
@@ -967,8 +1037,10 @@ def main(argv: list[str] | None = None) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     previous = previous_sections(args.docs / "ablations.md")
     carried: list[str] = []
+    collected: dict[tuple[str, str], list[Group]] = {}
     body = [line for ablation in ABLATIONS for suffix, heading, length in LENGTHS
-            for line in section(ablation, suffix, heading, length, args.multirun, figures, previous, carried)]
+            for line in section(ablation, suffix, heading, length, args.multirun, figures, previous, carried,
+                                collected)]
     old_rule = (" (sections carried over from an earlier generation, whose records are gone, used the rule of that "
                 "time: beyond twice the standard error)" if carried else "")
     lines = [
@@ -987,6 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
         f"machine shared with other work (this page last computed on {cpu_name()}): compare them within a table, "
         "not across.",
         "",
+        *at_a_glance(collected),
         *body,
     ]
     (args.docs / "ablations.md").write_text("\n".join(lines))

@@ -212,6 +212,12 @@ def test_report_of_the_design_space_switches(tmp_path):
     assert "| FlexiViT | 4 | 80.10 ± 0.10 | 80.10 ± 0.10 | 80.10 ± 0.10 |" in text
     assert "| fixed | 7 | 20.10 ± 0.10 | 80.10 ± 0.10 | 20.10 ± 0.10 |" in text
     assert "p14: FlexiViT − patch-14 model" not in text  # no model trained at 14 alone here
+    # The summary at the top: each setting against the base, other keys held equal, bold where real.
+    glance = text[text.index("## At a glance"):text.index("## Patch size, 10 epochs")]
+    assert "| Register tokens | reg_tokens=4 | 0 | – | **+1.00 ± 0.08** (p = 0.00026) |" in glance
+    assert "| QK-norm against learning rate | qk_norm=true | false (lr 0.01) | – | +0.00 ± 0.08 (p = 1) |" in glance
+    assert "| 2-D rotary position embedding | pos_emb=rope2d_mixed | sincos2d | – | **+2.00 ± 0.08**" in glance
+    assert "| FlexiViT" not in glance  # compared in its own section
 
 
 def test_report_keeps_the_records_of_completed_jobs_and_the_sections_it_cannot_recompute(tmp_path):
