@@ -36,7 +36,7 @@ import yaml
 from matplotlib.figure import Figure
 from scipy.stats import ttest_ind_from_stats
 
-from vitlab.analysis import output_token_norms, plot_pos_emb_similarity
+from vitlab.analysis import plot_pos_emb_similarity
 from vitlab.budget import cpu_name
 from vitlab.models.position import posemb_sincos_2d
 from vitlab.results import group_stats, job_dirs, load_runs
@@ -475,24 +475,90 @@ def no_loss(results, gain: str, tie: str, loss: str) -> str:
     return loss if -1 in signs else gain if 1 in signs else tie
 
 
-def measure_token_norms(checkpoint: Path, images: int = 256) -> dict:
-    """Norms of the output patch tokens (the residual stream entering the final LayerNorm; class
-    token and registers left out) over the first ``images`` test images: median, largest, and
-    their ratio (Darcet et al. 2024, Fig. 3: without registers a few tokens reach about 10x)."""
+def test_images_of(checkpoint: Path, images: int):
+    """The network of a checkpoint (eval mode) and the first ``images`` test images of its run's
+    dataset, normalised as the run fed them."""
     import hydra
 
     from vitlab.checkpoint import model_from_checkpoint
     from vitlab.eval import data_config
 
     module, info = model_from_checkpoint(checkpoint)
-    net = module.net.eval()
     data = data_config(yaml_config({"ckpt_path": str(checkpoint), "paths": {"data_dir": data_dir()}}), info)
     datamodule = hydra.utils.instantiate(data)
     datamodule.setup("test")
-    batch = datamodule.normalize(datamodule.test_set.images[:images])
-    norms = output_token_norms(net, batch).flatten()
+    return module.net.eval(), datamodule.normalize(datamodule.test_set.images[:images])
+
+
+#: What the registers table measures on each job's best checkpoint (kept in its records folder).
+REGISTER_MEASURES = ("max_over_median", "attention_to_registers", "attention_peak")
+
+
+def measure_registers(checkpoint: Path, images: int = 256) -> dict:
+    """What Darcet et al. 2024 look at, over the first ``images`` test images:
+
+    - the norms of the output patch tokens (the residual stream entering the final LayerNorm;
+      class token and registers left out): median, largest and their ratio (Fig. 3: without
+      registers a few tokens reach about 10x);
+    - the last block's attention, heads averaged, from the patch queries: the share that goes to
+      the registers (``attention_to_registers``), and its largest share on one patch times the
+      number of patches (``attention_peak``: 1 is uniform; Fig. 2's artifacts are a few patches
+      that draw much of the attention).
+    """
+    from vitlab.analysis import attention_distance, patch_distances, query_view, recording_tokens
+    from vitlab.models.attention import recording_attention
+    from vitlab.models.parts import patch_tokens
+
+    net, batch = test_images_of(checkpoint, images)
+    with torch.no_grad(), recording_attention(net) as maps, recording_tokens(net) as seen:
+        _, prefix, suffix = net.encode(batch)
+    norms = patch_tokens(seen[0], prefix, suffix).float().norm(dim=-1).flatten()
+    weights = maps[-1]
+    patches = weights.shape[-1] - prefix - suffix
+    grid = int(round(patches**0.5))
+    _, to_others = attention_distance(weights, patch_distances((grid, grid), 1), prefix, suffix)
+    view = query_view(weights.double().mean(dim=1), prefix, suffix, use_cls=False)  # (images, patches)
     median, largest = float(norms.median()), float(norms.max())
-    return {"images": images, "median": median, "max": largest, "max_over_median": largest / median}
+    return {"images": images, "median": median, "max": largest, "max_over_median": largest / median,
+            "attention_to_registers": float(to_others.mean()),
+            "attention_peak": float((view.max(dim=-1).values * patches).mean())}
+
+
+def last_block_attention(checkpoint: Path, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, grid, grid) of the last block's attention over the patches (heads averaged, mean
+    of the patch queries' rows, renormalised over the patches), and the images themselves."""
+    from vitlab.analysis import query_view
+    from vitlab.models.attention import recording_attention
+
+    net, batch = test_images_of(checkpoint, images)
+    with torch.no_grad(), recording_attention(net) as maps:
+        _, prefix, suffix = net.encode(batch)
+    view = query_view(maps[-1].double().mean(dim=1), prefix, suffix, use_cls=False)
+    grid = int(round(view.shape[-1] ** 0.5))
+    return view.reshape(len(view), grid, grid).numpy(), batch[:, 0].numpy()
+
+
+def register_attention_figure(path: Path, checkpoints: dict[str, Path], images: int = 8) -> Path:
+    """A row per register count (its seed-0 model): the last block's attention over the patches of
+    the same test images, overlaid on them (Darcet et al. 2024, Fig. 1 and 7)."""
+    rows = {label: last_block_attention(ckpt, images) for label, ckpt in checkpoints.items()}
+    fig = Figure(figsize=(1.3 * images + 1.2, 1.45 * len(rows) + 0.5), layout="constrained")
+    fig.suptitle("last block's attention over the patches (heads averaged, from the patch queries), seed 0",
+                 fontsize="small")
+    axes = np.asarray(fig.subplots(len(rows), images, squeeze=False))
+    for r, (label, (maps, pictures)) in enumerate(rows.items()):
+        for c in range(images):
+            ax = axes[r, c]
+            size = pictures[c].shape[-1]
+            ax.imshow(pictures[c], cmap="gray")
+            ax.imshow(maps[c], cmap="inferno", alpha=0.6, interpolation="nearest",
+                      extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize="small")
+    fig.savefig(path, dpi=90)
+    return path
 
 
 def yaml_config(values: dict):
@@ -508,19 +574,25 @@ def data_dir() -> str:
 
 
 def add_token_norms(runs: pd.DataFrame) -> pd.DataFrame:
-    """``token_norm_ratio`` of each completed job, measured on its best checkpoint where the sweep
-    folder still has it and kept beside its records (``token_norms.json``) for later generations."""
+    """``REGISTER_MEASURES`` of each completed job (``measure_registers``), measured on its best
+    checkpoint where the sweep folder still has it and kept beside its records
+    (``token_norms.json``) for later generations; a measure the kept file lacks is None."""
     import json
 
-    ratios = []
+    measured = {name: [] for name in REGISTER_MEASURES}
     for job_dir, kept, status in zip(runs["dir"], runs["kept"], runs["status"]):
         cache = Path(kept) / "token_norms.json"
         best = sorted((Path(job_dir) / "checkpoints").glob("best*.ckpt"))
-        if status == "completed" and not cache.is_file() and best:
-            cache.write_text(json.dumps(measure_token_norms(best[-1]), indent=1))
-        ratios.append(json.loads(cache.read_text())["max_over_median"] if cache.is_file() else None)
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if status == "completed" and best and any(name not in cached for name in REGISTER_MEASURES):
+            cached = measure_registers(best[-1])
+            cache.write_text(json.dumps(cached, indent=1))
+        for name in REGISTER_MEASURES:
+            measured[name].append(cached.get(name))
     runs = runs.copy()
-    runs["token_norm_ratio"] = ratios
+    runs["token_norm_ratio"] = measured["max_over_median"]
+    runs["attention_to_registers"] = measured["attention_to_registers"]
+    runs["attention_peak"] = measured["attention_peak"]
     return runs
 
 
@@ -579,7 +651,36 @@ def render_registers(groups: list[Group], figure: Callable[[str], Path]):
                              lambda r: no_loss(r, "**Reproduced**: registers cost nothing and help here",
                                                "**Reproduced for accuracy**: registers cost nothing here",
                                                "**Not reproduced**: some register counts lose accuracy here"),
-                             extra=(("largest / median patch-token norm", ratio_cell),))(groups, figure)
+                             extra=(("largest / median patch-token norm", ratio_cell),
+                                    ("last block: attention to registers (%)",
+                                     lambda g: pct_of(g, "attention_to_registers") if g.setting["model.reg_tokens"]
+                                     else "–"),
+                                    ("last block: peak attention on a patch (x uniform)",
+                                     lambda g: ratio_cell(g, "attention_peak"))))(groups, figure)
+    with_registers = [g for g in groups if g.setting["model.reg_tokens"] and g.stat("attention_to_registers").n]
+    if with_registers:
+        patches = (28 // 4) ** 2  # the ablation's scale: 28 px images, patch 4
+
+        def share(g: Group) -> str:
+            n = int(g.setting["model.reg_tokens"])
+            return f"{n}: {100 * g.stat('attention_to_registers').mean:.1f} % (uniform: {100 * n / (n + patches):.1f} %)"
+
+        md.append("In the last block the patch queries give the registers this share of their attention: "
+                  f"{', '.join(share(g) for g in with_registers)}. The peak column is the largest share one patch "
+                  "draws, times the number of patches (1 = uniform); the figure draws where the attention goes. "
+                  "Darcet et al. find that registers take over the global role of a few high-norm background "
+                  "patches, and with it the attention those drew (Fig. 1, 7).")
+    seed0 = {}
+    for g in groups:
+        jobs = g.jobs[g.jobs["status"].eq("completed") & g.jobs["seed"].eq(0)]
+        best = sorted((Path(jobs["dir"].iloc[0]) / "checkpoints").glob("best*.ckpt")) if len(jobs) else []
+        if best:
+            seed0[f"{g.setting['model.reg_tokens']} registers"] = best[-1]
+    path = figure("registers_attention")
+    if len(seed0) == len(groups) and len(seed0) > 1:
+        figs.append(register_attention_figure(path, seed0).name)
+    elif path.is_file():  # drawn by an earlier generation, whose checkpoints this checkout lacks
+        figs.append(path.name)
     none = next((g for g in groups if g.setting["model.reg_tokens"] == 0 and g.stat("token_norm_ratio").n), None)
     if none is not None:
         ratio = none.stat("token_norm_ratio").mean
@@ -814,7 +915,7 @@ ABLATIONS = [
     Ablation("registers", "Register tokens", ["model.reg_tokens"],
              "Darcet et al. 2024, Fig. 8 and Table 2: registers keep or slightly raise accuracy, and remove the output "
              "patch tokens of about 10x the usual norm (Fig. 3) that ViTs without them grow.",
-             render_registers, metrics=("token_norm_ratio",), prepare=add_token_norms, args="reuse=null",
+             render_registers, metrics=("token_norm_ratio", "attention_to_registers", "attention_peak"), prepare=add_token_norms, args="reuse=null",
              glance=("model.reg_tokens", 0)),
     Ablation("qk_norm", "QK-norm against learning rate", ["model.qk_norm", "optimizer.lr"],
              "Dehghani et al. 2023 (ViT-22B), Sec. 2 and Fig. 2: without LayerNorm on queries and keys the attention "

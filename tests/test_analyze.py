@@ -317,3 +317,27 @@ def test_bad_input_is_named_in_one_line(tiny_sweep, data_dir, tmp_path, monkeypa
     assert_short_failure(run(f"sweep={tmp_path / 'nowhere'}"), "is not a folder: pass a multirun folder")
     assert_short_failure(run(f"sweep={tmp_path}"), "has no job folders")
     assert not list(tmp_path.rglob("*.png")), "nothing is drawn before the input is checked"
+
+
+def test_registers_report_measures_what_vitlab_analyze_measures(tiny_sweep, data_dir, monkeypatch, tmp_path):
+    """The registers table's attention and norm columns (scripts/ablation_report.py) agree with
+    vitlab.analyze on the same checkpoint and test images, and its attention figure is drawn."""
+    from test_ablations import _load_report
+
+    report = _load_report()
+    monkeypatch.setenv("VITLAB_DATA_DIR", str(data_dir))
+    work, sweep = tiny_sweep
+    ckpts = {f"{n} registers": next((next(sweep.glob(f"{i}_*")) / "checkpoints").glob("best*.ckpt"))
+             for i, n in ((0, 0), (1, 2))}
+    measured = report.measure_registers(ckpts["2 registers"], images=20)
+    run_entry("vitlab.analyze", f"ckpt_path={ckpts['2 registers']}", "name=cross", "images_for_distance=20",
+              "torch_threads=1", cwd=work, data_dir=data_dir)
+    record = json.loads((work / "outputs" / "analyze" / "cross" / "analysis.json").read_text())
+    last = np.asarray(record["attention_distance"]["attention_to_non_patch_tokens"])[-1].mean()
+    assert 0 < measured["attention_to_registers"] < 1
+    assert measured["attention_to_registers"] == pytest.approx(last, abs=1e-4)
+    assert measured["max_over_median"] == pytest.approx(record["token_norms"]["max_over_median"], rel=1e-3)
+    assert 1 <= measured["attention_peak"] <= 16  # 4 x 4 patches: between uniform and all on one patch
+    assert report.measure_registers(ckpts["0 registers"], images=20)["attention_to_registers"] == pytest.approx(0, abs=1e-6)
+    path = report.register_attention_figure(tmp_path / "maps.png", ckpts, images=3)
+    assert path.read_bytes()[:4] == b"\x89PNG"
