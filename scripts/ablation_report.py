@@ -475,7 +475,7 @@ def no_loss(results, gain: str, tie: str, loss: str) -> str:
     return loss if -1 in signs else gain if 1 in signs else tie
 
 
-def test_images_of(checkpoint: Path, images: int):
+def network_and_test_images(checkpoint: Path, images: int):
     """The network of a checkpoint (eval mode) and the first ``images`` test images of its run's
     dataset, normalised as the run fed them."""
     import hydra
@@ -491,7 +491,7 @@ def test_images_of(checkpoint: Path, images: int):
 
 
 #: What the registers table measures on each job's best checkpoint (kept in its records folder).
-REGISTER_MEASURES = ("max_over_median", "attention_to_registers", "attention_peak")
+REGISTER_MEASURES = ("max_over_median", "attention_to_registers", "attention_peak", "patches")
 
 
 def measure_registers(checkpoint: Path, images: int = 256) -> dict:
@@ -509,7 +509,7 @@ def measure_registers(checkpoint: Path, images: int = 256) -> dict:
     from vitlab.models.attention import recording_attention
     from vitlab.models.parts import patch_tokens
 
-    net, batch = test_images_of(checkpoint, images)
+    net, batch = network_and_test_images(checkpoint, images)
     with torch.no_grad(), recording_attention(net) as maps, recording_tokens(net) as seen:
         _, prefix, suffix = net.encode(batch)
     norms = patch_tokens(seen[0], prefix, suffix).float().norm(dim=-1).flatten()
@@ -521,7 +521,7 @@ def measure_registers(checkpoint: Path, images: int = 256) -> dict:
     median, largest = float(norms.median()), float(norms.max())
     return {"images": images, "median": median, "max": largest, "max_over_median": largest / median,
             "attention_to_registers": float(to_others.mean()),
-            "attention_peak": float((view.max(dim=-1).values * patches).mean())}
+            "attention_peak": float((view.max(dim=-1).values * patches).mean()), "patches": patches}
 
 
 def last_block_attention(checkpoint: Path, images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -530,7 +530,7 @@ def last_block_attention(checkpoint: Path, images: int) -> tuple[np.ndarray, np.
     from vitlab.analysis import query_view
     from vitlab.models.attention import recording_attention
 
-    net, batch = test_images_of(checkpoint, images)
+    net, batch = network_and_test_images(checkpoint, images)
     with torch.no_grad(), recording_attention(net) as maps:
         _, prefix, suffix = net.encode(batch)
     view = query_view(maps[-1].double().mean(dim=1), prefix, suffix, use_cls=False)
@@ -590,9 +590,8 @@ def add_token_norms(runs: pd.DataFrame) -> pd.DataFrame:
         for name in REGISTER_MEASURES:
             measured[name].append(cached.get(name))
     runs = runs.copy()
-    runs["token_norm_ratio"] = measured["max_over_median"]
-    runs["attention_to_registers"] = measured["attention_to_registers"]
-    runs["attention_peak"] = measured["attention_peak"]
+    for name in REGISTER_MEASURES:
+        runs["token_norm_ratio" if name == "max_over_median" else name] = measured[name]
     return runs
 
 
@@ -659,11 +658,10 @@ def render_registers(groups: list[Group], figure: Callable[[str], Path]):
                                      lambda g: ratio_cell(g, "attention_peak"))))(groups, figure)
     with_registers = [g for g in groups if g.setting["model.reg_tokens"] and g.stat("attention_to_registers").n]
     if with_registers:
-        patches = (28 // 4) ** 2  # the ablation's scale: 28 px images, patch 4
-
         def share(g: Group) -> str:
-            n = int(g.setting["model.reg_tokens"])
-            return f"{n}: {100 * g.stat('attention_to_registers').mean:.1f} % (uniform: {100 * n / (n + patches):.1f} %)"
+            n, patches = int(g.setting["model.reg_tokens"]), g.value("patches")
+            even = f" (an even spread: {100 * n / (n + patches):.1f} %)" if patches else ""
+            return f"{n}: {100 * g.stat('attention_to_registers').mean:.1f} %{even}"
 
         md.append("In the last block the patch queries give the registers this share of their attention: "
                   f"{', '.join(share(g) for g in with_registers)}. The peak column is the largest share one patch "
@@ -915,7 +913,8 @@ ABLATIONS = [
     Ablation("registers", "Register tokens", ["model.reg_tokens"],
              "Darcet et al. 2024, Fig. 8 and Table 2: registers keep or slightly raise accuracy, and remove the output "
              "patch tokens of about 10x the usual norm (Fig. 3) that ViTs without them grow.",
-             render_registers, metrics=("token_norm_ratio", "attention_to_registers", "attention_peak"), prepare=add_token_norms, args="reuse=null",
+             render_registers, metrics=("token_norm_ratio", "attention_to_registers", "attention_peak", "patches"),
+             prepare=add_token_norms, args="reuse=null",
              glance=("model.reg_tokens", 0)),
     Ablation("qk_norm", "QK-norm against learning rate", ["model.qk_norm", "optimizer.lr"],
              "Dehghani et al. 2023 (ViT-22B), Sec. 2 and Fig. 2: without LayerNorm on queries and keys the attention "
