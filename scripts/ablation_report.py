@@ -573,7 +573,7 @@ def data_dir() -> str:
     return os.environ.get("VITLAB_DATA_DIR", "data")
 
 
-def add_token_norms(runs: pd.DataFrame) -> pd.DataFrame:
+def add_register_measures(runs: pd.DataFrame) -> pd.DataFrame:
     """``REGISTER_MEASURES`` of each completed job (``measure_registers``), measured on its best
     checkpoint where the sweep folder still has it and kept beside its records
     (``token_norms.json``) for later generations; a measure the kept file lacks is None."""
@@ -914,7 +914,7 @@ ABLATIONS = [
              "Darcet et al. 2024, Fig. 8 and Table 2: registers keep or slightly raise accuracy, and remove the output "
              "patch tokens of about 10x the usual norm (Fig. 3) that ViTs without them grow.",
              render_registers, metrics=("token_norm_ratio", "attention_to_registers", "attention_peak", "patches"),
-             prepare=add_token_norms, args="reuse=null",
+             prepare=add_register_measures, args="reuse=null",
              glance=("model.reg_tokens", 0)),
     Ablation("qk_norm", "QK-norm against learning rate", ["model.qk_norm", "optimizer.lr"],
              "Dehghani et al. 2023 (ViT-22B), Sec. 2 and Fig. 2: without LayerNorm on queries and keys the attention "
@@ -1001,16 +1001,10 @@ def at_a_glance(collected: dict[tuple[str, str], list[Group]]) -> list[str]:
         def others(g: Group) -> tuple:
             return tuple((k, shown(v)) for k, v in g.setting.items() if k != key)
 
-        settings = {}
-        for groups in by_length:
-            for g in groups:
-                if shown(g.setting[key]) != shown(base):
-                    settings.setdefault((shown(g.setting[key]), others(g)), None)
-        for value, rest in settings:
-            cells = []
-            for groups in by_length:
-                find = {(shown(g.setting[key]), others(g)): g for g in groups}
-                cells.append(glance_cell(find.get((value, rest)), find.get((shown(base), rest))))
+        # Per length: (value, the other keys' values) -> setting; a row per such pair off the base.
+        finds = [{(shown(g.setting[key]), others(g)): g for g in groups} for groups in by_length]
+        for value, rest in dict.fromkeys(pair for find in finds for pair in find if pair[0] != shown(base)):
+            cells = [glance_cell(find.get((value, rest)), find.get((shown(base), rest))) for find in finds]
             held = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in rest)
             rows.append([ablation.title, f"{key.rsplit('.', 1)[-1]}={value}", f"{shown(base)}"
                          + (f" ({held})" if held else ""), *cells])

@@ -1,6 +1,7 @@
 """Training speed of each design-space switch against the default model, in one process.
 
-    python scripts/bench_switches.py [--rounds 5] [--steps 12] [--threads N] [--precision bf16-mixed] [--only SWITCH ...]
+    python scripts/bench_switches.py [--rounds 5] [--steps 12] [--threads N] [--precision bf16-mixed]
+                                     [--only SWITCH ...]
 
 The default SimpleViT (patch 4, width 128, depth 6, 4 x 32 heads, MLP 256, batch 128 of 28 px
 one-channel images) and one copy per switch, each trained by the same bare step (forward,

@@ -82,10 +82,10 @@ class Rope2d(nn.Module):
       ``get_mixed_freqs`` of them.
 
     The angles are computed as timm's ``get_mixed_freqs`` computes them (axial = mixed
-    frequencies fixed on the axes), in fp32. The forward gives each block its rotations as complex units e^(i angle), which
-    ``rotate_pairs`` multiplies into the channel pairs of q and k; ``table`` gives the same
-    rotations as timm's [sin, cos] table. Tokens without a position (class token, registers) get
-    the identity rotation.
+    frequencies fixed on the axes), in fp32. The forward gives each block its rotations as
+    complex units e^(i angle), which ``rotate_pairs`` multiplies into the channel pairs of q and
+    k; ``table`` gives the same rotations as timm's [sin, cos] table. Tokens without a position
+    (class token, registers) get the identity rotation.
     """
 
     def __init__(self, kind: str, dim_head: int, heads: int, depth: int):
