@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import SwiGLU
 from torch import nn
 
 from vitlab.models import SimpleViT
 from vitlab.models.attention import Attention
-from vitlab.models.parts import MAPPool, swiglu_hidden
+from vitlab.models.parts import MAPPool, SwiGLUFeedForward, swiglu_hidden
 from vitlab.models.patch_embed import pi_resize_matrix
 from vitlab.models.position import Rope2d, posemb_sincos_2d, rotate_pairs
 
@@ -156,6 +157,17 @@ def test_swiglu_is_the_formula_with_matched_weights():
     weights = lambda m: sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight") and p.ndim == 2)
     gelu, glu = weights(make().transformer.layers[0][1]), weights(ff)
     assert abs(glu - gelu) <= 3 * 32
+
+
+def test_swiglu_mlp_draws_only_its_own_initial_weights():
+    """Building a SwiGLU MLP takes from torch's generator what its own layers take, and no more
+    (no GELU MLP built and thrown away first), so its initial weights depend on its layers alone."""
+    torch.manual_seed(0)
+    SwiGLUFeedForward(32, 64, layer_scale_init=1e-5)
+    built = torch.get_rng_state()
+    torch.manual_seed(0)
+    nn.Sequential(nn.LayerNorm(32), SwiGLU(32, swiglu_hidden(64)))
+    assert torch.equal(built, torch.get_rng_state())
 
 
 def test_map_pool_is_big_visions_map_head():

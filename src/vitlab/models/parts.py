@@ -16,15 +16,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, dropout_rate: float = 0.0, layer_scale_init: float | None = None):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.LayerNorm(dim),
-            nn.Linear(dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, dim),
-        )
+        self.net = self.build_net(dim, hidden_dim)
         # Outside `net`, which keeps its parameter names (those of vit_pytorch's SimpleViT).
         self.layer_scale = layer_scale(dim, layer_scale_init)
         self.dropout = dropout(dropout_rate)
+
+    @staticmethod
+    def build_net(dim: int, hidden_dim: int) -> nn.Module:
+        return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.layer_scale(self.net(x)))
@@ -41,9 +40,9 @@ class SwiGLUFeedForward(FeedForward):
     """Pre-norm SwiGLU MLP (Shazeer 2020): LayerNorm, then timm's ``SwiGLU``,
     fc2(SiLU(fc1_g x) * fc1_x x), with biases, at ``swiglu_hidden(hidden_dim)``."""
 
-    def __init__(self, dim: int, hidden_dim: int, dropout_rate: float = 0.0, layer_scale_init: float | None = None):
-        super().__init__(dim, hidden_dim, dropout_rate, layer_scale_init)
-        self.net = nn.Sequential(nn.LayerNorm(dim), SwiGLU(dim, swiglu_hidden(hidden_dim)))
+    @staticmethod
+    def build_net(dim: int, hidden_dim: int) -> nn.Module:
+        return nn.Sequential(nn.LayerNorm(dim), SwiGLU(dim, swiglu_hidden(hidden_dim)))
 
 
 #: ``model.mlp`` -> the block's MLP.
