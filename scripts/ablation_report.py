@@ -736,12 +736,14 @@ def render_rope(groups: list[Group], figure: Callable[[str], Path]):
     for metric, where in (("test_acc", "at the training size (28 px)"), ("test/acc@56px", "at 56 px (2x)")):
         results = against_base(groups, "model.pos_emb", "sincos2d", metric)
         if results:
-            parts.append(f"{where}: " + "; ".join(text for _, _, text in results))
+            parts.append(f"{where[0].upper()}{where[1:]}: " + "; ".join(text for _, _, text in results))
         rotary = [sign for g, sign, _ in results if "rope" in g.setting["model.pos_emb"]]
         if rotary:
-            summary.append(f"{where} " + ("every RoPE variant beats sincos2d" if all(x == 1 for x in rotary) else
-                                          "no RoPE variant is worse than sincos2d" if min(rotary) >= 0 else
-                                          "some RoPE variants are worse than sincos2d"))
+            better = f"{rotary.count(1)} of {len(rotary)} RoPE variants beat sincos2d"
+            summary.append(f"{where} " + ("every RoPE variant beats sincos2d" if rotary.count(1) == len(rotary) else
+                                          "every RoPE variant is within noise of sincos2d" if not any(rotary) else
+                                          f"{better} and none is worse" if min(rotary) >= 0 else
+                                          f"{better} and {rotary.count(-1)} are worse"))
         done = [g for g in groups if judged(g) and g.stat(metric).n]
         if done and metric != "test_acc":
             best = max(done, key=lambda g: g.stat(metric).mean)
@@ -758,7 +760,7 @@ def render_rope(groups: list[Group], figure: Callable[[str], Path]):
                   "resolutions. Here the fixed embeddings (sincos2d, RoPE) are extended to the new grid (positions "
                   "in patches), while a learned table is resampled over the image (as when fine-tuning at a new "
                   "resolution).")
-        md.append("Each embedding against sincos2d, " + ". ".join(parts) + ".")
+        md.append("Each embedding against sincos2d. " + ". ".join(parts) + ".")
     return md, figs
 
 
