@@ -208,7 +208,9 @@ def test_report_of_the_design_space_switches(tmp_path):
     assert "| largest / median patch-token norm |" in text.replace("| largest", "| largest")
     assert "at lr 0.01: no clear difference" in text
     assert "| rope2d_mixed | 77.10 ± 0.10 | 77.10 ± 0.10 | 77.10 ± 0.10 | 3/3 | 82.10 ± 0.10 |" in text
-    assert "at 56 px (2x): rope2d_axial − sincos2d = +25.00" in text
+    assert "At 56 px (2x): rope2d_axial − sincos2d = +25.00" in text
+    assert ("at the training size (28 px) 1 of 2 RoPE variants beat sincos2d and none is worse; "
+            "at 56 px (2x) every RoPE variant beats sincos2d") in text
     assert "| FlexiViT | 4 | 80.10 ± 0.10 | 80.10 ± 0.10 | 80.10 ± 0.10 |" in text
     assert "| fixed | 7 | 20.10 ± 0.10 | 80.10 ± 0.10 | 20.10 ± 0.10 |" in text
     assert "p14: FlexiViT − patch-14 model" not in text  # no model trained at 14 alone here
