@@ -595,6 +595,53 @@ def add_register_measures(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+#: The image sizes the rope table also tests with the patches spread over the trained grid.
+ROPE_SIZES = (36, 44, 56)
+
+
+def measure_interpolated(checkpoint: Path, precision: str, sizes=ROPE_SIZES) -> dict[str, float]:
+    """Test accuracy of a checkpoint on the test images upsampled to ``sizes``, with their patches
+    spread over the trained grid (``positions=interpolate``), measured as a user measures it:
+    ``python -m vitlab.eval ckpt_path=... image_sizes=[...] positions=interpolate``."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "vitlab.eval", f"ckpt_path={checkpoint}",
+                   f"image_sizes=[{','.join(map(str, sizes))}]", "positions=interpolate",
+                   f"trainer.precision={precision}", "trainer.enable_progress_bar=false", "torch_threads=1",
+                   f"hydra.run.dir={out}"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        metrics = json.loads((Path(out) / "metrics.json").read_text())
+    return {f"{size}px": metrics[f"test/acc@{size}px"] for size in sizes}
+
+
+def add_interpolated_accuracy(runs: pd.DataFrame) -> pd.DataFrame:
+    """``interpolated@<size>px`` of each completed job (``measure_interpolated``), measured on its best
+    checkpoint where the sweep folder still has it and kept beside its records
+    (``interpolated.json``) for later generations; None where neither is there."""
+    import json
+
+    measured = {size: [] for size in ROPE_SIZES}
+    for job_dir, kept, status in zip(runs["dir"], runs["kept"], runs["status"]):
+        cache = Path(kept) / "interpolated.json"
+        best = sorted((Path(job_dir) / "checkpoints").glob("best*.ckpt"))
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if status == "completed" and best and any(f"{size}px" not in cached for size in ROPE_SIZES):
+            precision = (yaml.safe_load((Path(kept) / "config.yaml").read_text()) or {})["trainer"]["precision"]
+            cached = measure_interpolated(best[-1], precision)
+            cache.write_text(json.dumps(cached, indent=1))
+        for size in ROPE_SIZES:
+            measured[size].append(cached.get(f"{size}px"))
+    runs = runs.copy()
+    for size in ROPE_SIZES:
+        runs[f"interpolated@{size}px"] = measured[size]
+    return runs
+
+
 def add_train_flops(runs: pd.DataFrame) -> pd.DataFrame:
     """``train_flops_per_image`` of each job: from its metrics.json, or, for records written before
     runs counted it, counted on the network its config.yaml builds (a property of the config, the
@@ -719,21 +766,33 @@ def render_qk_norm(groups: list[Group], figure: Callable[[str], Path]):
 
 
 def render_rope(groups: list[Group], figure: Callable[[str], Path]):
-    sizes = (36, 44, 56)
+    sizes = ROPE_SIZES
     order = ["sincos2d", "learned", "rope2d_axial", "rope2d_mixed", "sincos2d+rope2d_axial", "sincos2d+rope2d_mixed"]
     groups.sort(key=lambda g: order.index(g.setting["model.pos_emb"]) if g.setting["model.pos_emb"] in order else 99)
-    md = [table(groups, lambda g: [g.setting["model.pos_emb"]] + [pct_of(g, f"test/acc@{s}px") for s in sizes],
-                ["position embedding"] + [f"test acc at {s} px (%)" for s in sizes])]
+    interpolated = any(g.stat(f"interpolated@{s}px").n for g in groups for s in sizes)
+    md = [table(groups, lambda g: [g.setting["model.pos_emb"]] + [pct_of(g, f"test/acc@{s}px") for s in sizes]
+                + ([pct_of(g, f"interpolated@{s}px") for s in sizes] if interpolated else []),
+                ["position embedding"] + [f"at {s} px (%)" for s in sizes]
+                + ([f"at {s} px, interpolated (%)" for s in sizes] if interpolated else []))]
+    md.append("Test accuracy at the training size (28 px) and on the test images upsampled to 36, 44 and 56 px, "
+              "their patches placed as each model trained: the fixed embeddings (sincos2d, RoPE) extend their "
+              "positions (`positions=extend`), the learned table is resampled over the image."
+              + (" *Interpolated*: the same best checkpoints with the patches spread over the trained grid instead "
+                 "(`python -m vitlab.eval ... image_sizes=[36,44,56] positions=interpolate`, EVA-02's scheme; "
+                 "kept in each job's `interpolated.json`); for the learned table nothing changes."
+                 if interpolated else ""))
     series = {}
     for g in groups:
-        points = [(28, g.stat("test_acc"), "")] + [(s, g.stat(f"test/acc@{s}px"), "") for s in sizes
-                                                    if g.stat(f"test/acc@{s}px").n]
-        if g.stat("test_acc").n:
-            series[g.setting["model.pos_emb"]] = points
+        for metric, label in (("test/acc@{}px", ""), ("interpolated@{}px", ", interpolated")):
+            points = [(28, g.stat("test_acc"), "")] + [(s, g.stat(metric.format(s)), "") for s in sizes
+                                                        if g.stat(metric.format(s)).n]
+            if g.stat("test_acc").n and len(points) > 1 and not (label and g.setting["model.pos_emb"] == "learned"):
+                series[g.setting["model.pos_emb"] + label] = points
     figs = [errorbar_figure(figure("rope"), "position embedding: tested at the training size and above", series,
                             "test image size (px; trained at 28)").name] if series else []
     parts, summary = [], []
-    for metric, where in (("test_acc", "at the training size (28 px)"), ("test/acc@56px", "at 56 px (2x)")):
+    for metric, where in (("test_acc", "at the training size (28 px)"), ("test/acc@56px", "at 56 px (2x)"),
+                          ("interpolated@56px", "at 56 px (2x), interpolated")):
         results = against_base(groups, "model.pos_emb", "sincos2d", metric)
         if results:
             parts.append(f"{where[0].upper()}{where[1:]}: " + "; ".join(text for _, _, text in results))
@@ -743,7 +802,8 @@ def render_rope(groups: list[Group], figure: Callable[[str], Path]):
             summary.append(f"{where} " + ("every RoPE variant beats sincos2d" if rotary.count(1) == len(rotary) else
                                           "every RoPE variant is within noise of sincos2d" if not any(rotary) else
                                           f"{better} and none is worse" if min(rotary) >= 0 else
-                                          f"{better} and {rotary.count(-1)} are worse"))
+                                          f"{better} and {rotary.count(-1)} "
+                                          f"{'is' if rotary.count(-1) == 1 else 'are'} worse"))
         done = [g for g in groups if judged(g) and g.stat(metric).n]
         if done and metric != "test_acc":
             best = max(done, key=lambda g: g.stat(metric).mean)
@@ -759,7 +819,7 @@ def render_rope(groups: list[Group], figure: Callable[[str], Path]):
                   "embeddings at the training resolution, and RoPE losing much less than absolute embeddings at higher "
                   "resolutions. Here the fixed embeddings (sincos2d, RoPE) are extended to the new grid (positions "
                   "in patches), while a learned table is resampled over the image (as when fine-tuning at a new "
-                  "resolution).")
+                  "resolution); interpolated, the fixed ones are spread over the image as the learned table is.")
         md.append("Each embedding against sincos2d. " + ". ".join(parts) + ".")
     return md, figs
 
@@ -932,7 +992,8 @@ ABLATIONS = [
     Ablation("rope", "2-D rotary position embedding", ["model.pos_emb"],
              "Heo et al. 2024, Fig. 3 and Table 2: RoPE-Mixed > RoPE-Axial >= absolute embeddings at the training "
              "resolution, and RoPE extrapolates to larger images far better.", render_rope,
-             metrics=("test/acc@36px", "test/acc@44px", "test/acc@56px"), glance=("model.pos_emb", "sincos2d")),
+             metrics=("test/acc@36px", "test/acc@44px", "test/acc@56px", "interpolated@36px", "interpolated@44px",
+                      "interpolated@56px"), prepare=add_interpolated_accuracy, glance=("model.pos_emb", "sincos2d")),
     Ablation("mlp", "GELU against SwiGLU MLP", ["model.mlp"],
              "Shazeer 2020, Table 1: SwiGLU at equal parameters lowers the loss (language models); EVA-02 and DINOv3 "
              "use it in ViTs.",

@@ -203,11 +203,22 @@ def test_report_of_the_design_space_switches(tmp_path):
                lambda o: 0.80,
                extra=lambda o, seed: {f"test/acc@p{s}": (0.80 if o["model.flexi_patch_sizes"] != "null" or s == o["model.patch_size"]
                                                          else 0.2) + 0.001 * seed for s in (4, 7, 14)})
+    # What the rope table measured on each job's checkpoint with the patches interpolated, kept
+    # beside its records (no checkpoints here, so the kept files are what the report reads).
+    interpolated = {"sincos2d": 0.75, "rope2d_axial": 0.70, "rope2d_mixed": 0.75}
+    for num, (kind, seed) in enumerate((k, s) for k in rope for s in (0, 1, 2)):
+        kept = tmp_path / "docs" / "ablations" / "runs" / "ablation_rope" / f"{num}_job"
+        kept.mkdir(parents=True)
+        (kept / "interpolated.json").write_text(json.dumps({f"{s}px": interpolated[kind] + 0.001 * seed
+                                                            for s in (36, 44, 56)}))
     text = re.sub(r" +", " ", write_report(runs, tmp_path / "docs"))
     assert "**Reproduced**: registers cost nothing and help here (4 − 0 = +1.00" in text
     assert "| largest / median patch-token norm |" in text.replace("| largest", "| largest")
     assert "at lr 0.01: no clear difference" in text
-    assert "| rope2d_mixed | 77.10 ± 0.10 | 77.10 ± 0.10 | 77.10 ± 0.10 | 3/3 | 82.10 ± 0.10 |" in text
+    assert "| rope2d_mixed | 77.10 ± 0.10 | 77.10 ± 0.10 | 77.10 ± 0.10 | 75.10 ± 0.10 | 75.10 ± 0.10 | 75.10 ± 0.10 " \
+           "| 3/3 | 82.10 ± 0.10 |" in text
+    assert "At 56 px (2x), interpolated: rope2d_axial − sincos2d = -5.00" in text
+    assert "at 56 px (2x), interpolated 0 of 2 RoPE variants beat sincos2d and 1 is worse" in text
     assert "At 56 px (2x): rope2d_axial − sincos2d = +25.00" in text
     assert ("at the training size (28 px) 1 of 2 RoPE variants beat sincos2d and none is worse; "
             "at 56 px (2x) every RoPE variant beats sincos2d") in text

@@ -229,4 +229,10 @@ def test_a_flexivit_checkpoint_evaluates_at_every_patch_size(tmp_path, data_dir)
               "torch_threads=1", cwd=tmp_path, data_dir=data_dir)
     evaluated = json.loads((tmp_path / "outputs" / "eval" / "flexi" / "metrics.json").read_text())
     assert {"test/acc@p4", "test/acc@p7", "test/acc@56px"} <= set(evaluated)
-    assert evaluated["test/acc@p4"] == evaluated["test/acc"]
+    assert evaluated["test/acc@p4"] == evaluated["test/acc"] and evaluated["positions"] == "extend"
+    # The 56 px patches spread over the trained grid instead; the patch sizes' positions are the same.
+    run_entry("vitlab.eval", f"ckpt_path={ckpt}", "name=flexi_interpolated", "image_sizes=[56]",
+              "positions=interpolate", "torch_threads=1", cwd=tmp_path, data_dir=data_dir)
+    interpolated = json.loads((tmp_path / "outputs" / "eval" / "flexi_interpolated" / "metrics.json").read_text())
+    assert interpolated["positions"] == "interpolate"
+    assert interpolated["test/acc@p7"] == evaluated["test/acc@p7"] and 0 < interpolated["test/acc@56px"] <= 1

@@ -2,6 +2,8 @@
 patch dropout, MAP pooling, FlexiViT), each proved against a reference implementation loaded
 with the same weights (fp32, 1e-5), or by its defining property where there is none."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -351,6 +353,44 @@ def test_flexi_positions_follow_the_image():
     assert absolute_position("learned", learned, 7, 7, 7) is learned
 
 
+def test_interpolated_positions_span_the_trained_grid():
+    """positions=interpolate (EVA-02's scheme): the patches of a 2x image lie half a trained patch
+    apart, so its patch (2i, 2j) gets the trained (i, j)'s sincos embedding and rotations; the
+    rotations are timm's RotaryEmbeddingCat with ref_feat_shape, which defines the scheme."""
+    from timm.layers import RotaryEmbeddingCat
+
+    from vitlab.models.position import absolute_position
+
+    table = posemb_sincos_2d(7, 7, 32)
+    wide = absolute_position("sincos2d", table, 7, 14, 14, step=(0.5, 0.5)).reshape(14, 14, 32)
+    torch.testing.assert_close(wide[::2, ::2].reshape(49, 32), table, rtol=1e-6, atol=1e-6)
+    rope = Rope2d("rope2d_axial", dim_head=16, heads=2, depth=2)
+    theirs = RotaryEmbeddingCat(16, in_pixels=False, temperature=100, feat_shape=[14, 10], ref_feat_shape=[7, 5])
+    torch.testing.assert_close(rope.table(14, 10, step=(0.5, 0.5))[0, 0], theirs.get_embed(), rtol=1e-6, atol=1e-6)
+    mixed = Rope2d("rope2d_mixed", dim_head=16, heads=2, depth=2)
+    half = mixed.rotations(14, 14, step=(0.5, 0.5)).reshape(2, 2, 14, 14, 8)
+    torch.testing.assert_close(half[:, :, ::2, ::2].reshape(2, 2, 49, 8), mixed.rotations(7, 7))
+
+
+def test_model_places_other_grids_by_its_positions_field():
+    """The model asks for its positions as its field says: at 56 px, one trained patch apart
+    (extend) or half of one (interpolate); at its own size and at FlexiViT's other patch sizes
+    the two give the same logits. A checkpoint may be read with either (no weights depend on it)."""
+    switches = dict(pos_emb="sincos2d+rope2d_mixed", patch_norm=False, flexi_patch_sizes=[4, 7])
+    extend, interpolate = make(**switches).eval(), make(**switches, positions="interpolate").eval()
+    randomize(extend)
+    interpolate.load_state_dict(extend.state_dict())
+    for kwargs in (dict(), dict(patch_size=7)):
+        torch.testing.assert_close(interpolate(images(), **kwargs), extend(images(), **kwargs), rtol=0, atol=0)
+    asked = []
+    for model in (extend, interpolate):
+        with mock.patch.object(model.rope, "forward", wraps=model.rope.forward) as rope:
+            model(images(2, size=56))
+        asked.append(rope.call_args.args[:3])
+    assert asked == [(14, 14, 1.0), (14, 14, (0.5, 0.5))]
+    assert not torch.allclose(interpolate(images(2, size=56)), extend(images(2, size=56)))
+
+
 # --- bad values: one line naming the field and the fix -----------------------------------------
 
 @pytest.mark.parametrize(
@@ -364,6 +404,7 @@ def test_flexi_positions_follow_the_image():
         (dict(qk_norm="yes"), "qk_norm='yes' must be true or false"),
         (dict(layer_scale=0), "layer_scale=0 must be null (off) or the gains' positive initial value"),
         (dict(mlp="geglu"), "mlp='geglu' is not one of gelu, swiglu"),
+        (dict(positions="stretch"), "positions='stretch' is not one of extend, interpolate"),
         (dict(pool="map", heads=3), "pool=map splits dim=32 over heads=3, which does not divide it"),
         (dict(patch_norm=False, flexi_patch_sizes=[4, 5]), "[5] do not divide image_size=28: choose patch sizes from"),
         (dict(flexi_patch_sizes=[4, 7]), "flexi_patch_sizes=[4, 7] needs patch_norm=false"),

@@ -29,6 +29,10 @@ def test_a_timm_vit_trains_records_and_evaluates_like_simplevit(tmp_path, data_d
                        "+trainer.limit_test_batches=2", cwd=tmp_path, data_dir=data_dir)
     assert json.loads((tmp_path / "outputs/eval/deit_eval/metrics.json").read_text())["test/acc"] == \
         pytest.approx(metrics["test/acc"]), result.stderr[-2000:]
+    refused = run_entry("vitlab.eval", f"ckpt_path={best}", "positions=interpolate", cwd=tmp_path, data_dir=data_dir,
+                        check=False)
+    assert refused.returncode == 1 and "error: ValueError: positions=interpolate places the patches of vitlab's " \
+        "SimpleViT" in refused.stderr and "leave positions=null" in refused.stderr, refused.stderr[-2000:]
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -29,10 +29,11 @@ from vitlab.errors import CheckpointError, UnsafeCheckpointError, first_line
 #: Key of the run's own description inside a checkpoint.
 RUN_INFO_KEY = "vitlab"
 #: Model fields that may differ between a checkpoint and the model it is loaded into: how the
-#: network runs (kernel, compilation), how it was initialised, training-only regularisers, and
-#: FlexiViT's patch sizes (any patch size can be read from the same weights).
+#: network runs (kernel, compilation), how it was initialised, training-only regularisers,
+#: FlexiViT's patch sizes (any patch size can be read from the same weights) and where the patches
+#: of another image size lie (``positions``).
 FREE_FIELDS = frozenset({"attention", "compile", "head_init", "dropout", "drop_path", "patch_dropout",
-                         "flexi_patch_sizes"})
+                         "flexi_patch_sizes", "positions"})
 
 
 def load_checkpoint(path: str | Path, name: str = "ckpt_path") -> dict[str, Any]:
@@ -176,15 +177,16 @@ class RunInfo(L.Callback):
 
 
 def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip: bool | None = None,
-                          test_image_sizes=(), test_patch_sizes=None,
+                          test_image_sizes=(), test_patch_sizes=None, positions: str | None = None,
                           trusted: tuple[str, ...] = ()) -> tuple[L.LightningModule, dict[str, Any]]:
     """The LightningModule a checkpoint was trained as, with its weights, and the run's
     description (``RunInfo``). ``test_hflip`` overrides the run's own test-time flip
     (``module.test_hflip``); None keeps it. The test also reports the images resized to
     ``test_image_sizes`` and cut into patches of ``test_patch_sizes`` (None: the FlexiViT patch
-    sizes the model trained at, if any). ``trusted``: packages (``"my_lab."``) whose classes the
-    checkpoint may name besides vitlab's own (``trusted_targets``)."""
-    from vitlab.config import instantiate_model
+    sizes the model trained at, if any), with the patches of those sizes placed by ``positions``
+    (SimpleViT's field; None keeps the run's own). ``trusted``: packages (``"my_lab."``) whose
+    classes the checkpoint may name besides vitlab's own (``trusted_targets``)."""
+    from vitlab.config import instantiate_model, takes_argument
     from vitlab.module import ImageClassifier, check_test_variants
 
     checkpoint = load_checkpoint(path, name)
@@ -195,6 +197,16 @@ def model_from_checkpoint(path: str | Path, name: str = "ckpt_path", test_hflip:
                               f"config.yaml in its run folder): keep it in its run folder (<run>/checkpoints/) "
                               f"beside the run's config.yaml.")
     check_targets(model_cfg, f"{name}={path}: model", trusted_prefixes(trusted))
+    if positions is not None:
+        from vitlab.models.position import POSITIONS
+
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r} is not one of {', '.join(POSITIONS)} (null keeps the run's "
+                             f"own).")
+        if not takes_argument(model_cfg["_target_"], "positions"):
+            raise ValueError(f"positions={positions} places the patches of vitlab's SimpleViT; {name}={path} holds "
+                             f"{model_cfg['_target_']}: leave positions=null.")
+        model_cfg = {**model_cfg, "positions": positions}
     net = instantiate_model(model_cfg)
     if test_hflip is None:
         # How the run tested (module.test_hflip) travels in Lightning's saved hyperparameters.

@@ -115,14 +115,19 @@ def instantiate_dict(node: DictConfig | None) -> list:
     return [hydra.utils.instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def takes_name(target: str | None) -> bool:
-    """Whether the network's constructor (a model config's ``_target_``) has a ``name`` argument, as
-    timm's ``create`` has; any other is built without ``model.name``. False for a target that cannot
-    be imported (instantiating it then says why)."""
+def takes_argument(target: str | None, argument: str) -> bool:
+    """Whether the constructor a model config's ``_target_`` names has this keyword argument. False
+    for a target that cannot be imported (instantiating it then says why)."""
     try:
-        return "name" in inspect.signature(hydra.utils.get_object(str(target))).parameters
+        return argument in inspect.signature(hydra.utils.get_object(str(target))).parameters
     except Exception:  # noqa: BLE001 - ImportError, a non-callable, a signature inspect cannot read
         return False
+
+
+def takes_name(target: str | None) -> bool:
+    """Whether the network's constructor has a ``name`` argument, as timm's ``create`` has; any
+    other is built without ``model.name``."""
+    return takes_argument(target, "name")
 
 
 def keep_config_name(cfg: DictConfig) -> None:

@@ -137,6 +137,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module, info = model_from_checkpoint(cfg.ckpt_path, test_hflip=cfg.get("test_hflip"),
                                          test_image_sizes=list(cfg.get("image_sizes") or ()),
                                          test_patch_sizes=list(patch_sizes) if patch_sizes is not None else None,
+                                         positions=cfg.get("positions"),
                                          trusted=tuple(cfg.get("trusted_targets") or ()))
     # Settings and the network's pooled features checked before anything runs.
     probe = eval_probe(module.net, cfg.probe_settings) if cfg.get("probe") else None
@@ -156,6 +157,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(module, datamodule=datamodule)[0]
         metrics.update({"test_hflip": module.test_hflip, "test_split_size": int(confusion.matrix.sum()),
                         **{key: float(value) for key, value in results.items()}})
+        if cfg.get("image_sizes") and hasattr(module.net, "positions"):
+            metrics["positions"] = module.net.positions  # where the other sizes' patches lay
     else:
         log.info(f"the data has {datamodule.num_classes} classes and the model's head "
                  f"{info['model'].get('num_classes')}: probes only, no test")

@@ -1,10 +1,14 @@
 """Where a patch is: absolute position embeddings added to the patch tokens (fixed 2-D sincos,
 learned, or none) and 2-D rotary embeddings applied to queries and keys (Heo et al. 2024).
 
-Positions are counted in patches of the model's own patch size: a grid of another size (larger
-images, or FlexiViT's other patch sizes) puts patch (i, j) of patch size p at (i, j) * p /
-patch_size. The fixed embeddings are evaluated there; a learned table is resampled bilinearly
-over the image (as big_vision's FlexiViT and the ViT paper's fine-tuning at a new resolution do).
+Positions are counted in patches of the model's own patch size. A grid of another size is
+placed by the model's ``positions``: ``extend`` puts patch (i, j) of patch size p at
+(i, j) * p / patch_size, so a larger image reaches positions never trained (extrapolation);
+``interpolate`` puts patch (i, j) of an h x w grid at (i * grid / h, j * grid / w), so every
+image spans the trained grid (EVA-02's scheme, timm's ``ref_feat_shape``). For FlexiViT's other
+patch sizes on the same image the two coincide. The fixed embeddings are evaluated at those
+positions; a learned table is resampled bilinearly over the image either way (as big_vision's
+FlexiViT and the ViT paper's fine-tuning at a new resolution do).
 """
 
 from __future__ import annotations
@@ -19,18 +23,28 @@ ROTARY = ("rope2d_axial", "rope2d_mixed")
 #: Base frequencies of the rotary embeddings, as the RoPE-ViT paper's models use them: 100 for
 #: the fixed axial frequencies, 10 for the initial magnitudes of the learned mixed ones.
 ROPE_THETA = {"rope2d_axial": 100.0, "rope2d_mixed": 10.0}
+#: How the patches of a grid other than the model's own are placed (the module's docstring).
+POSITIONS = ("extend", "interpolate")
+
+Step = float | tuple[float, float]
 
 
-def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, step: float = 1.0) -> torch.Tensor:
+def axis_steps(step: Step) -> tuple[float, float]:
+    """The distance between neighbouring patches along (rows, columns), in the model's patches."""
+    return (float(step), float(step)) if isinstance(step, (int, float)) else (float(step[0]), float(step[1]))
+
+
+def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, step: Step = 1.0) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding, shape (h * w, dim).
 
     A quarter of the channels each for sin(x), cos(x), sin(y), cos(y), with frequencies
     spaced geometrically from 1 to 1/temperature (Beyer et al. 2022, Sec. 2). ``step``: the
-    distance between neighbouring patches, in the model's patches.
+    distance between neighbouring patches, in the model's patches (one, or one per axis).
     """
     y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    if step != 1:
-        y, x = y * step, x * step
+    step_y, step_x = axis_steps(step)
+    if (step_y, step_x) != (1, 1):
+        y, x = y * step_y, x * step_x
     quarter = dim // 4
     omega = torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1)
     omega = 1.0 / temperature**omega
@@ -54,12 +68,12 @@ def parse_pos_emb(value: str) -> tuple[str, str | None]:
 
 
 def absolute_position(kind: str, table: torch.Tensor | None, grid: int, h: int, w: int,
-                      step: float = 1.0) -> torch.Tensor | None:
+                      step: Step = 1.0) -> torch.Tensor | None:
     """The embedding added to the patch tokens of a grid of (h, w) patches spaced ``step`` model
     patches apart, from the model's ``table`` for its own (grid x grid) patches: that table itself
     on its own grid, the sincos embedding evaluated at the new positions, or the learned table
     resampled bilinearly (big_vision's FlexiViT: ``jax.image.resize(..., "linear")``)."""
-    if table is None or (h == w == grid and step == 1):
+    if table is None or (h == w == grid and axis_steps(step) == (1, 1)):
         return table
     if kind == "sincos2d":
         return posemb_sincos_2d(h, w, table.shape[-1], step=step).to(table.device)
@@ -102,17 +116,18 @@ class Rope2d(nn.Module):
         else:
             self.freqs = nn.Parameter(init_random_2d_freqs(dim_head, depth, heads, temperature=ROPE_THETA[kind]))
 
-    def rotations(self, h: int, w: int, step: float = 1.0) -> torch.Tensor:
+    def rotations(self, h: int, w: int, step: Step = 1.0) -> torch.Tensor:
         """(blocks or 1, heads or 1, h * w, dim_head / 2) complex: e^(i angle) of each channel pair,
-        for patches in row-major order."""
-        key = (h, w, step, self.freqs.device)
+        for patches in row-major order, ``step`` model patches apart (one, or one per axis)."""
+        step_y, step_x = axis_steps(step)
+        key = (h, w, step_y, step_x, self.freqs.device)
         if self.kind == "rope2d_axial" and key in self._rotations:
             return self._rotations[key]
         device = self.freqs.device
         t_y = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
         t_x = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
-        if step != 1:
-            t_y, t_x = t_y * step, t_x * step
+        if (step_y, step_x) != (1, 1):
+            t_y, t_x = t_y * step_y, t_x * step_x
         freqs = self.freqs.float()
         angles = t_x[:, None] * freqs[0][..., None, :] + t_y[:, None] * freqs[1][..., None, :]
         rotations = torch.complex(angles.cos(), angles.sin())
@@ -120,13 +135,13 @@ class Rope2d(nn.Module):
             self._rotations[key] = rotations
         return rotations
 
-    def table(self, h: int, w: int, step: float = 1.0) -> torch.Tensor:
+    def table(self, h: int, w: int, step: Step = 1.0) -> torch.Tensor:
         """The rotations as timm's table: (blocks or 1, heads or 1, h * w, 2 * dim_head), the sin
         then the cos of each pair's angle, each repeated for the pair's two channels."""
         rotations = self.rotations(h, w, step)
         return torch.cat([rotations.imag.repeat_interleave(2, -1), rotations.real.repeat_interleave(2, -1)], dim=-1)
 
-    def forward(self, h: int, w: int, step: float = 1.0, keep: torch.Tensor | None = None, prefix: int = 0,
+    def forward(self, h: int, w: int, step: Step = 1.0, keep: torch.Tensor | None = None, prefix: int = 0,
                 suffix: int = 0) -> list[torch.Tensor]:
         """The rotations of each block for the sequence [prefix tokens, patches (those in ``keep`` of
         each image, if given), suffix tokens], each broadcastable to (batch, heads, n, dim_head / 2)."""
@@ -151,4 +166,5 @@ def rotate_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
-__all__ = ["ABSOLUTE", "ROTARY", "absolute_position", "Rope2d", "parse_pos_emb", "posemb_sincos_2d", "rotate_pairs"]
+__all__ = ["ABSOLUTE", "POSITIONS", "ROTARY", "absolute_position", "axis_steps", "Rope2d", "parse_pos_emb",
+           "posemb_sincos_2d", "rotate_pairs"]

@@ -13,7 +13,8 @@ The switches, each a part built in ``__init__`` (none of them adds a checkpoint 
 - ``layer_scale``: a learned per-channel gain on each residual branch, starting at this value
   (Touvron et al. 2021, CaiT);
 - ``pos_emb=rope2d_axial | rope2d_mixed`` (alone, or ``sincos2d+rope2d_axial``): 2-D rotary
-  position embedding (Heo et al. 2024);
+  position embedding (Heo et al. 2024); ``positions=interpolate`` spreads a larger image's
+  patches over the trained positions instead of extending them (EVA-02);
 - ``mlp=swiglu``: the SwiGLU MLP at two thirds of ``mlp_dim`` (Shazeer 2020);
 - ``patch_dropout``: in training, each image keeps a random share of its patches (Liu et al. 2023);
 - ``pool=map``: multi-head attention pooling (Zhai et al. 2022);
@@ -38,7 +39,8 @@ from torchvision.ops import StochasticDepth
 from vitlab.models.attention import ATTENTIONS, CPU_CHUNK_BYTES, Attention, chunked_attention, explicit_attention
 from vitlab.models.parts import MLPS, MAPPool, PatchDropout, patch_tokens
 from vitlab.models.patch_embed import PatchEmbedding
-from vitlab.models.position import ABSOLUTE, ROTARY, Rope2d, absolute_position, parse_pos_emb, posemb_sincos_2d
+from vitlab.models.position import (ABSOLUTE, POSITIONS, ROTARY, Rope2d, absolute_position, parse_pos_emb,
+                                    posemb_sincos_2d)
 
 POOLS = ("mean", "cls", "map")
 POS_EMBS = ABSOLUTE + ROTARY
@@ -86,6 +88,7 @@ class SimpleViT(nn.Module):
         dim_head: int = 64,
         pool: str = "mean",
         pos_emb: str = "sincos2d",
+        positions: str = "extend",
         attention: str = "auto",
         head_init: str = "xavier",
         dropout: float = 0.0,
@@ -106,6 +109,8 @@ class SimpleViT(nn.Module):
         self.patch_size = patch_size
         self.pool = pool
         self.pos_emb_kind = absolute
+        #: Where the patches of another grid lie: ``vitlab.models.position``'s docstring.
+        self.positions = positions
         self.head_init = head_init
         self.num_patches = grid * grid
         self.grid = grid
@@ -183,7 +188,9 @@ class SimpleViT(nn.Module):
         patches."""
         size = patch_size or self.patch_size
         h, w = img.shape[-2] // size, img.shape[-1] // size
-        step = size / self.patch_size  # where the patches lie, in the model's own patches
+        # How far apart the patches lie, in the model's own patches: by their pixels (extend), or
+        # spread over the trained grid (interpolate; the same for another patch size alone).
+        step = (self.grid / h, self.grid / w) if self.positions == "interpolate" else size / self.patch_size
         x = self.to_patch_embedding(img, size)
         pos = absolute_position(self.pos_emb_kind, self.pos_embedding, self.grid, h, w, step)
         if pos is not None:
@@ -221,7 +228,7 @@ def _validate(**cfg) -> None:
             f"choose a patch size from {divisors}, or images whose side is a multiple of {patch_size}."
         )
     for name, allowed in (("pool", POOLS), ("attention", ATTENTIONS), ("head_init", HEAD_INITS),
-                          ("mlp", tuple(MLPS))):
+                          ("mlp", tuple(MLPS)), ("positions", POSITIONS)):
         if cfg[name] not in allowed:
             raise ValueError(f"{name}={cfg[name]!r} is not one of {', '.join(allowed)}.")
     absolute, rotary = parse_pos_emb(cfg["pos_emb"])
