@@ -765,6 +765,30 @@ def render_qk_norm(groups: list[Group], figure: Callable[[str], Path]):
     return md, figs
 
 
+def rope_figure(path: Path, groups: list[Group], sizes: tuple[int, ...], interpolated: bool) -> Path:
+    """Test accuracy against the test image size, a line per embedding (one colour each): the
+    positions extended, and beside it, where measured, interpolated."""
+    panels = [("test/acc@{}px", "positions extended (as trained)")]
+    if interpolated:
+        panels.append(("interpolated@{}px", "positions interpolated (positions=interpolate)"))
+    fig = Figure(figsize=(5.2 * len(panels) + 0.6, 4.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (metric, title) in zip(axes, panels):
+        for i, g in enumerate(groups):
+            points = [(28, g.stat("test_acc"))] + [(s, g.stat(metric.format(s))) for s in sizes
+                                                   if g.stat(metric.format(s)).n]
+            ax.errorbar([p[0] for p in points], [100 * p[1].mean for p in points],
+                        yerr=[100 * (p[1].std if p[1].n > 1 else 0) for p in points], marker="o", capsize=4,
+                        color=f"C{i}", label=g.setting["model.pos_emb"])
+        ax.set(xlabel="test image size (px; trained at 28)", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize="small")
+    fig.suptitle("position embedding: tested at the training size and above")
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def render_rope(groups: list[Group], figure: Callable[[str], Path]):
     sizes = ROPE_SIZES
     order = ["sincos2d", "learned", "rope2d_axial", "rope2d_mixed", "sincos2d+rope2d_axial", "sincos2d+rope2d_mixed"]
@@ -781,18 +805,11 @@ def render_rope(groups: list[Group], figure: Callable[[str], Path]):
                  "(`python -m vitlab.eval ... image_sizes=[36,44,56] positions=interpolate`, EVA-02's scheme; "
                  "kept in each job's `interpolated.json`); for the learned table nothing changes."
                  if interpolated else ""))
-    series = {}
-    for g in groups:
-        for metric, label in (("test/acc@{}px", ""), ("interpolated@{}px", ", interpolated")):
-            points = [(28, g.stat("test_acc"), "")] + [(s, g.stat(metric.format(s)), "") for s in sizes
-                                                        if g.stat(metric.format(s)).n]
-            if g.stat("test_acc").n and len(points) > 1 and not (label and g.setting["model.pos_emb"] == "learned"):
-                series[g.setting["model.pos_emb"] + label] = points
-    figs = [errorbar_figure(figure("rope"), "position embedding: tested at the training size and above", series,
-                            "test image size (px; trained at 28)").name] if series else []
+    plotted = [g for g in groups if g.stat("test_acc").n]
+    figs = [rope_figure(figure("rope"), plotted, sizes, interpolated).name] if plotted else []
     parts, summary = [], []
     for metric, where in (("test_acc", "at the training size (28 px)"), ("test/acc@56px", "at 56 px (2x)"),
-                          ("interpolated@56px", "at 56 px (2x), interpolated")):
+                          ("interpolated@56px", "at 56 px (2x) with interpolated positions")):
         results = against_base(groups, "model.pos_emb", "sincos2d", metric)
         if results:
             parts.append(f"{where[0].upper()}{where[1:]}: " + "; ".join(text for _, _, text in results))
@@ -821,6 +838,12 @@ def render_rope(groups: list[Group], figure: Callable[[str], Path]):
                   "in patches), while a learned table is resampled over the image (as when fine-tuning at a new "
                   "resolution); interpolated, the fixed ones are spread over the image as the learned table is.")
         md.append("Each embedding against sincos2d. " + ". ".join(parts) + ".")
+    gains = [(g.setting["model.pos_emb"], g.stat("interpolated@56px").mean - g.stat("test/acc@56px").mean)
+             for g in groups if judged(g) and g.setting["model.pos_emb"] != "learned"
+             and g.stat("interpolated@56px").n and g.stat("test/acc@56px").n]
+    if gains:
+        md.append("Interpolated instead of extended, the same checkpoints at 56 px: "
+                  + ", ".join(f"{kind} {100 * gain:+.1f}" for kind, gain in gains) + " points (difference of the means).")
     return md, figs
 
 

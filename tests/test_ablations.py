@@ -217,8 +217,11 @@ def test_report_of_the_design_space_switches(tmp_path):
     assert "at lr 0.01: no clear difference" in text
     assert "| rope2d_mixed | 77.10 ± 0.10 | 77.10 ± 0.10 | 77.10 ± 0.10 | 75.10 ± 0.10 | 75.10 ± 0.10 | 75.10 ± 0.10 " \
            "| 3/3 | 82.10 ± 0.10 |" in text
-    assert "At 56 px (2x), interpolated: rope2d_axial − sincos2d = -5.00" in text
-    assert "at 56 px (2x), interpolated 0 of 2 RoPE variants beat sincos2d and 1 is worse" in text
+    assert "At 56 px (2x) with interpolated positions: rope2d_axial − sincos2d = -5.00" in text
+    assert "at 56 px (2x) with interpolated positions 0 of 2 RoPE variants beat sincos2d and 1 is worse" in text
+    assert ("Interpolated instead of extended, the same checkpoints at 56 px: sincos2d +25.0, rope2d_axial -5.0, "
+            "rope2d_mixed -2.0 points") in text
+    assert (tmp_path / "docs" / "ablations" / "rope.png").stat().st_size > 10_000
     assert "At 56 px (2x): rope2d_axial − sincos2d = +25.00" in text
     assert ("at the training size (28 px) 1 of 2 RoPE variants beat sincos2d and none is worse; "
             "at 56 px (2x) every RoPE variant beats sincos2d") in text
