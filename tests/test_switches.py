@@ -2,6 +2,7 @@
 patch dropout, MAP pooling, FlexiViT), each proved against a reference implementation loaded
 with the same weights (fp32, 1e-5), or by its defining property where there is none."""
 
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -431,6 +432,22 @@ def test_flexi_patch_size_is_a_function_of_seed_and_step_and_draws_every_size():
     assert all(150 < n < 250 for n in Counter(draws).values()) and set(draws) == {4, 7, 14}
 
 
+def test_every_model_field_added_since_the_first_records_is_neutral_at_its_default():
+    """A SimpleViT field that the first kept records (the patch-size table) lack must be in
+    ``NEUTRAL`` at the value conf/model/simple_vit.yaml gives it, or no kept run would be reused
+    by a run of today's defaults (and every ablation would train its base setting again)."""
+    import yaml
+
+    from vitlab.results import NEUTRAL
+
+    repo = Path(__file__).resolve().parents[1]
+    first = yaml.safe_load(next((repo / "docs/ablations/runs/ablation_patch_size").glob("*/config.yaml")).read_text())
+    defaults = yaml.safe_load((repo / "conf/model/simple_vit.yaml").read_text())
+    added = {k: v for k, v in defaults.items() if k not in first["model"]}
+    assert added and "positions" in added
+    assert {k: NEUTRAL["model"].get(k, "missing") for k in added} == added
+
+
 def test_records_without_the_switches_are_the_same_experiment_as_switches_off():
     """A run recorded before the switches existed (its config.yaml lacks them) is reused by a run
     that has them all off; one with a switch on is another experiment."""
@@ -438,10 +455,12 @@ def test_records_without_the_switches_are_the_same_experiment_as_switches_off():
 
     old = {"seed": 0, "model": {"dim": 96, "pool": "mean"}, "module": {"label_smoothing": 0.1}}
     new = {"seed": 0, "model": {"dim": 96, "pool": "mean", "reg_tokens": 0, "qk_norm": False, "layer_scale": None,
-                                "mlp": "gelu", "patch_dropout": 0.0, "patch_norm": True, "flexi_patch_sizes": None},
+                                "mlp": "gelu", "patch_dropout": 0.0, "patch_norm": True, "flexi_patch_sizes": None,
+                                "positions": "extend"},
            "module": {"label_smoothing": 0.1, "seed": 0, "test_image_sizes": [], "test_patch_sizes": None}}
     assert deciding_config(new) == deciding_config(old)
-    for field, value in (("reg_tokens", 4), ("qk_norm", True), ("mlp", "swiglu"), ("patch_norm", False)):
+    for field, value in (("reg_tokens", 4), ("qk_norm", True), ("mlp", "swiglu"), ("patch_norm", False),
+                         ("positions", "interpolate")):
         changed = {**new, "model": {**new["model"], field: value}}
         assert deciding_config(changed) != deciding_config(old), field
     tested = {**new, "module": {**new["module"], "test_image_sizes": [36]}}

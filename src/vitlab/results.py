@@ -209,7 +209,7 @@ INCIDENTAL = {
 NEUTRAL = {
     # (model.name: runs recorded before models had names trained SimpleViT.)
     "model": {"name": "simple_vit", "reg_tokens": 0, "qk_norm": False, "layer_scale": None, "mlp": "gelu",
-              "patch_dropout": 0.0, "patch_norm": True, "flexi_patch_sizes": None},
+              "patch_dropout": 0.0, "patch_norm": True, "flexi_patch_sizes": None, "positions": "extend"},
     "module": {"test_image_sizes": [], "test_patch_sizes": None, "layer_decay": None, "freeze": "none"},
     "data": {"train_subset": None},
     # Top-level fields: fine-tuning's start.
