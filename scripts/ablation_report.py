@@ -599,10 +599,11 @@ def add_register_measures(runs: pd.DataFrame) -> pd.DataFrame:
 ROPE_SIZES = (36, 44, 56)
 
 
-def measure_interpolated(checkpoint: Path, precision: str, sizes=ROPE_SIZES) -> dict[str, float]:
+def measure_interpolated(checkpoint: Path, precision: str | None, sizes=ROPE_SIZES) -> dict[str, float]:
     """Test accuracy of a checkpoint on the test images upsampled to ``sizes``, with their patches
     spread over the trained grid (``positions=interpolate``), measured as a user measures it:
-    ``python -m vitlab.eval ckpt_path=... image_sizes=[...] positions=interpolate``."""
+    ``python -m vitlab.eval ckpt_path=... image_sizes=[...] positions=interpolate``, at the
+    precision the run tested in (None: eval's own)."""
     import json
     import subprocess
     import tempfile
@@ -610,8 +611,8 @@ def measure_interpolated(checkpoint: Path, precision: str, sizes=ROPE_SIZES) -> 
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "vitlab.eval", f"ckpt_path={checkpoint}",
                    f"image_sizes=[{','.join(map(str, sizes))}]", "positions=interpolate",
-                   f"trainer.precision={precision}", "trainer.enable_progress_bar=false", "torch_threads=1",
-                   f"hydra.run.dir={out}"]
+                   *([f"trainer.precision={precision}"] if precision else []), "trainer.enable_progress_bar=false",
+                   "torch_threads=1", f"hydra.run.dir={out}"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -631,7 +632,8 @@ def add_interpolated_accuracy(runs: pd.DataFrame) -> pd.DataFrame:
         best = sorted((Path(job_dir) / "checkpoints").glob("best*.ckpt"))
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         if status == "completed" and best and any(f"{size}px" not in cached for size in ROPE_SIZES):
-            precision = (yaml.safe_load((Path(kept) / "config.yaml").read_text()) or {})["trainer"]["precision"]
+            config = yaml.safe_load((Path(kept) / "config.yaml").read_text()) or {}
+            precision = (config.get("trainer") or {}).get("precision")
             cached = measure_interpolated(best[-1], precision)
             cache.write_text(json.dumps(cached, indent=1))
         for size in ROPE_SIZES:
@@ -1015,8 +1017,8 @@ ABLATIONS = [
     Ablation("rope", "2-D rotary position embedding", ["model.pos_emb"],
              "Heo et al. 2024, Fig. 3 and Table 2: RoPE-Mixed > RoPE-Axial >= absolute embeddings at the training "
              "resolution, and RoPE extrapolates to larger images far better.", render_rope,
-             metrics=("test/acc@36px", "test/acc@44px", "test/acc@56px", "interpolated@36px", "interpolated@44px",
-                      "interpolated@56px"), prepare=add_interpolated_accuracy, glance=("model.pos_emb", "sincos2d")),
+             metrics=tuple(f"{kind}@{size}px" for kind in ("test/acc", "interpolated") for size in ROPE_SIZES),
+             prepare=add_interpolated_accuracy, glance=("model.pos_emb", "sincos2d")),
     Ablation("mlp", "GELU against SwiGLU MLP", ["model.mlp"],
              "Shazeer 2020, Table 1: SwiGLU at equal parameters lowers the loss (language models); EVA-02 and DINOv3 "
              "use it in ViTs.",
