@@ -573,22 +573,31 @@ def data_dir() -> str:
     return os.environ.get("VITLAB_DATA_DIR", "data")
 
 
-def add_register_measures(runs: pd.DataFrame) -> pd.DataFrame:
-    """``REGISTER_MEASURES`` of each completed job (``measure_registers``), measured on its best
-    checkpoint where the sweep folder still has it and kept beside its records
-    (``token_norms.json``) for later generations; a measure the kept file lacks is None."""
+def checkpoint_measures(runs: pd.DataFrame, cache_name: str, fields: tuple[str, ...],
+                        measure: Callable[[Path, Path], dict]) -> dict[str, list]:
+    """``fields`` of each job: measured by ``measure(best checkpoint, records folder)`` where the job
+    completed and its sweep folder still has the checkpoint and the kept file lacks one of them,
+    and kept beside its records (``cache_name``) for later generations; a field the kept file
+    lacks is None."""
     import json
 
-    measured = {name: [] for name in REGISTER_MEASURES}
+    measured = {field: [] for field in fields}
     for job_dir, kept, status in zip(runs["dir"], runs["kept"], runs["status"]):
-        cache = Path(kept) / "token_norms.json"
+        cache = Path(kept) / cache_name
         best = sorted((Path(job_dir) / "checkpoints").glob("best*.ckpt"))
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        if status == "completed" and best and any(name not in cached for name in REGISTER_MEASURES):
-            cached = measure_registers(best[-1])
+        if status == "completed" and best and any(field not in cached for field in fields):
+            cached = measure(best[-1], Path(kept))
             cache.write_text(json.dumps(cached, indent=1))
-        for name in REGISTER_MEASURES:
-            measured[name].append(cached.get(name))
+        for field in fields:
+            measured[field].append(cached.get(field))
+    return measured
+
+
+def add_register_measures(runs: pd.DataFrame) -> pd.DataFrame:
+    """``REGISTER_MEASURES`` of each completed job (``measure_registers`` on its best checkpoint,
+    kept in ``token_norms.json``: ``checkpoint_measures``)."""
+    measured = checkpoint_measures(runs, "token_norms.json", REGISTER_MEASURES, lambda best, _: measure_registers(best))
     runs = runs.copy()
     for name in REGISTER_MEASURES:
         runs["token_norm_ratio" if name == "max_over_median" else name] = measured[name]
@@ -621,26 +630,18 @@ def measure_interpolated(checkpoint: Path, precision: str | None, sizes=ROPE_SIZ
 
 
 def add_interpolated_accuracy(runs: pd.DataFrame) -> pd.DataFrame:
-    """``interpolated@<size>px`` of each completed job (``measure_interpolated``), measured on its best
-    checkpoint where the sweep folder still has it and kept beside its records
-    (``interpolated.json``) for later generations; None where neither is there."""
-    import json
+    """``interpolated@<size>px`` of each completed job (``measure_interpolated`` on its best
+    checkpoint, at the precision its config records, kept in ``interpolated.json``:
+    ``checkpoint_measures``)."""
+    def measure(best: Path, kept: Path) -> dict:
+        config = yaml.safe_load((kept / "config.yaml").read_text()) or {}
+        return measure_interpolated(best, (config.get("trainer") or {}).get("precision"))
 
-    measured = {size: [] for size in ROPE_SIZES}
-    for job_dir, kept, status in zip(runs["dir"], runs["kept"], runs["status"]):
-        cache = Path(kept) / "interpolated.json"
-        best = sorted((Path(job_dir) / "checkpoints").glob("best*.ckpt"))
-        cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        if status == "completed" and best and any(f"{size}px" not in cached for size in ROPE_SIZES):
-            config = yaml.safe_load((Path(kept) / "config.yaml").read_text()) or {}
-            precision = (config.get("trainer") or {}).get("precision")
-            cached = measure_interpolated(best[-1], precision)
-            cache.write_text(json.dumps(cached, indent=1))
-        for size in ROPE_SIZES:
-            measured[size].append(cached.get(f"{size}px"))
+    fields = tuple(f"{size}px" for size in ROPE_SIZES)
+    measured = checkpoint_measures(runs, "interpolated.json", fields, measure)
     runs = runs.copy()
-    for size in ROPE_SIZES:
-        runs[f"interpolated@{size}px"] = measured[size]
+    for size, field in zip(ROPE_SIZES, fields):
+        runs[f"interpolated@{size}px"] = measured[field]
     return runs
 
 
